@@ -1,0 +1,5 @@
+import sys
+
+from tessera.core.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""Checkpoints: one directory per saved step, written aside and renamed into place.
+
+    <dir>/step_000500/model.safetensors    weights (tied tensors stored once)
+                     /config.json          the model config, enough to rebuild the model
+                     /run_config.toml      the whole resolved run config
+                     /trainer_state.pt     optimizer, step, RNG and data-loader state
+                     /tokenizer.json       the tokenizer, so a checkpoint stands alone
+
+A directory named step_N is complete by construction: files are written into a hidden
+temporary directory, flushed, and the directory is renamed, so a crash mid-write leaves at
+most a stray temporary directory and never a damaged checkpoint in place of a good one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from tessera.core.config import ModelConfig, build_section, to_dict
+from tessera.core.model import Transformer
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep_last: int = 2, attachments: tuple[Path, ...] = ()):
+        """`attachments` are files copied into every checkpoint (the tokenizer), so each is self-contained."""
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.attachments = attachments
+
+    def save(self, step: int, model: Transformer, trainer_state: dict, run_config: str = "") -> Path:
+        final = self.directory / f"step_{step:06d}"
+        tmp = self.directory / f".step_{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(to_dict(model.cfg), indent=2))
+        if run_config:
+            (tmp / "run_config.toml").write_text(run_config)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        for f in self.attachments:
+            shutil.copy(f, tmp / Path(f).name)
+        _fsync_tree(tmp)
+        if final.exists():
+            old = self.directory / f".step_{step:06d}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        self._prune()
+        return final
+
+    def steps(self) -> list[Path]:
+        if not self.directory.exists():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def _prune(self) -> None:
+        for old in self.steps()[: -self.keep_last]:
+            shutil.rmtree(old)
+
+
+def checkpoint_step(ckpt: str | Path) -> int:
+    match = STEP_DIR.match(Path(ckpt).name)
+    if not match:
+        raise ValueError(f"{ckpt} is not named like a checkpoint (step_NNNNNN)")
+    return int(match.group(1))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself if it is a checkpoint, else the newest one in it (a run or checkpoints directory)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    for directory in (path / "checkpoints", path):
+        latest = Checkpointer(directory).latest()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"{path} is not a checkpoint and holds none")
+
+
+def read_model_config(ckpt: str | Path) -> ModelConfig:
+    path = Path(ckpt) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint: no config.json")
+    return build_section(ModelConfig, json.loads(path.read_text()), "model")
+
+
+def load_weights(model: Transformer, ckpt: str | Path) -> None:
+    path = Path(ckpt) / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint: no model.safetensors")
+    load_model(model, str(path), device=str(next(model.parameters()).device))
+
+
+def load_model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """Rebuild the model of a checkpoint and load its weights; never unpickles code."""
+    ckpt = find_checkpoint(ckpt)
+    model = Transformer(read_model_config(ckpt)).to(device)
+    load_weights(model, ckpt)
+    return model.eval()
+
+
+def load_trainer_state(ckpt: str | Path) -> dict:
+    return torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True)

@@ -1,0 +1,212 @@
+"""`tessera <command>`: the one command-line entry point.
+
+Errors a user can fix (bad config, missing data, bad input) print one line and exit 2; a run
+that diverges exits 1. `--debug` anywhere on the line shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tessera.core.config import ConfigError
+
+
+class UsageError(Exception):
+    """Bad command-line input, reported as one line with exit code 2."""
+
+
+def cmd_tokenizer_train(args) -> None:
+    from tessera.core.data.prepare import input_files, read_documents
+    from tessera.core.tokenizer import train_bpe, train_char
+
+    files = input_files(args.files)
+    if args.kind == "char":
+        tok = train_char(read_documents(files, args.text_field))
+    else:
+        if not args.vocab_size:
+            raise UsageError("--vocab-size is required for --kind bpe")
+        tok = train_bpe(read_documents(files, args.text_field), args.vocab_size)
+    path = tok.save(args.out)
+    print(f"wrote {path} ({args.kind}, vocab {tok.vocab_size}, hash {tok.hash[:12]})")
+
+
+def cmd_data_prepare(args) -> None:
+    from tessera.core.data import prepare
+    from tessera.core.tokenizer import load_tokenizer
+
+    manifest = prepare(args.input, load_tokenizer(args.tokenizer), args.out, args.val_fraction,
+                       args.shard_tokens, args.sample_tokens, args.text_field)
+    counts = ", ".join(f"{k}: {manifest.tokens(k):,} tokens in {len(v)} shards" for k, v in manifest.splits.items())
+    print(f"wrote {args.out}/manifest.json ({counts})")
+
+
+def cmd_train(args, overrides: list[str]) -> None:
+    from tessera.core.build import build_trainer
+    from tessera.core.config import load_config
+
+    if args.resume:
+        overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
+    cfg, trainer = build_trainer(load_config(args.config, overrides))
+    start = trainer.step
+    final = trainer.fit()
+    trainer.parts.metrics.close()
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in ("loss", "val_loss", "tokens_per_s"))
+    print(f"trained steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from tessera.core.build import resolve_device
+    from tessera.core.checkpoint import find_checkpoint, load_model_from_checkpoint
+    from tessera.core.generate import Sampling, generate
+    from tessera.core.tokenizer import load_tokenizer
+
+    ckpt = find_checkpoint(args.ckpt)
+    model = load_model_from_checkpoint(ckpt, resolve_device(args.device))
+    tok = load_tokenizer(args.tokenizer or ckpt)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UsageError(f"tokenizer vocab {tok.vocab_size} exceeds the model's {model.cfg.vocab_size}")
+    prompt = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    for step in generate(model, [prompt], args.max_new_tokens, sampling, stop_ids=[tok.eos_id],
+                         use_cache=not args.no_cache, pad_id=tok.pad_id, seed=args.seed):
+        if step[0] is not None and step[0] != tok.eos_id:
+            sys.stdout.write(tok.decode([step[0]]))
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_eval_perplexity(args) -> None:
+    from tessera.core.build import resolve_device
+    from tessera.core.checkpoint import find_checkpoint, load_model_from_checkpoint
+    from tessera.core.data import read_manifest
+    from tessera.core.evaluate import perplexity
+    from tessera.core.tokenizer import load_tokenizer
+
+    device = resolve_device(args.device)
+    ckpt = find_checkpoint(args.ckpt)
+    model = load_model_from_checkpoint(ckpt, device)
+    manifest = read_manifest(args.data, load_tokenizer(ckpt).hash)
+    seq_len = args.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    print(json.dumps(perplexity(model, manifest, args.split, seq_len, args.batch_size, device)))
+
+
+def cmd_eval_text(args) -> None:
+    from tessera.core.evaluate import text_metrics
+
+    preds = Path(args.pred).read_text(encoding="utf-8").splitlines()
+    refs = Path(args.ref).read_text(encoding="utf-8").splitlines()
+    print(json.dumps(text_metrics(preds, refs)))
+
+
+def cmd_plot(args) -> None:
+    from tessera.core.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tessera", description="Train your own language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True)
+    tt = tok.add_parser("train", help="train a character or byte-level BPE tokenizer")
+    tt.add_argument("files", nargs="+", help=".txt/.jsonl files or directories")
+    tt.add_argument("--kind", choices=["char", "bpe"], default="bpe")
+    tt.add_argument("--vocab-size", type=int, default=0)
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--out", required=True, help="directory for tokenizer.json")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare data").add_subparsers(dest="action", required=True)
+    dp = data.add_parser("prepare", help="tokenize text into WebDataset shards")
+    dp.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or directories")
+    dp.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--val-fraction", type=float, default=0.1)
+    dp.add_argument("--shard-tokens", type=int, default=1 << 20)
+    dp.add_argument("--sample-tokens", type=int, default=4096)
+    dp.add_argument("--text-field", default="text")
+    dp.set_defaults(func=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="train a model: tessera train CONFIG.toml --section.key=value ...")
+    tr.add_argument("config", help="TOML config")
+    tr.add_argument("--resume", help="'auto' or a checkpoint directory (same as --checkpoint.resume=...)")
+    tr.set_defaults(func=cmd_train, takes_overrides=True)
+
+    ge = sub.add_parser("generate", help="sample text from a checkpoint")
+    ge.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")
+    ge.add_argument("--prompt", default="")
+    ge.add_argument("--max-new-tokens", type=int, default=200)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=0)
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--seed", type=int)
+    ge.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    ge.add_argument("--tokenizer", help="defaults to the checkpoint's own")
+    ge.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ge.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate").add_subparsers(dest="action", required=True)
+    ep = ev.add_parser("perplexity", help="perplexity of a checkpoint on prepared data")
+    ep.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")
+    ep.add_argument("--data", required=True)
+    ep.add_argument("--split", default="val")
+    ep.add_argument("--seq-len", type=int, default=0, help="default: the model's max_seq_len")
+    ep.add_argument("--batch-size", type=int, default=8)
+    ep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ep.set_defaults(func=cmd_eval_perplexity)
+    et = ev.add_parser("text", help="BLEU and ROUGE of predictions against references, line by line")
+    et.add_argument("--pred", required=True)
+    et.add_argument("--ref", required=True)
+    et.set_defaults(func=cmd_eval_text)
+
+    pl = sub.add_parser("plot", help="plot a run's loss curves to PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args, extra = parser().parse_known_args(argv)
+    overrides = [a for a in extra if a.startswith("--") and "=" in a]
+    stray = [a for a in extra if a not in overrides]
+    if stray or (overrides and not getattr(args, "takes_overrides", False)):
+        print(f"tessera: error: unrecognized arguments: {' '.join(stray or overrides)}", file=sys.stderr)
+        return 2
+    from tessera.core.data import DataError
+    from tessera.core.trainer import TrainingDiverged
+    from tessera.kernels import KernelBackendError
+
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.func(args, overrides)
+        else:
+            args.func(args)
+    except (ConfigError, DataError, UsageError, KernelBackendError, FileNotFoundError, ValueError) as e:
+        if debug:
+            raise
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        if debug:
+            raise
+        print(f"tessera: training stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

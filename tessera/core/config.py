@@ -1,0 +1,312 @@
+"""Typed run configuration: frozen dataclasses loaded from TOML with `--section.key=value` overrides.
+
+Every value is checked against its annotation when the config is built, so a typo or a wrong
+type fails at start-up with one line naming the key and what is valid, not an hour into a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what is valid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = ""  # name of a file in configs/models/ whose values are the defaults
+    vocab_size: int = 0  # 0: taken from the tokenizer of the prepared data
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: equal to n_heads (multi-head); fewer: grouped-query attention
+    d_model: int = 128
+    d_ff: int = 0  # 0: 4*d_model for GELU, 8/3*d_model rounded up to ffn_multiple_of for SwiGLU
+    ffn_multiple_of: int = 256
+    max_seq_len: int = 1024
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    pos: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        hidden = int(8 * self.d_model / 3)
+        return -(-hidden // self.ffn_multiple_of) * self.ffn_multiple_of
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # directory written by `tessera data prepare`
+    tokenizer: str = ""  # optional tokenizer.json; its hash must match the data's manifest
+    num_workers: int = 0
+    shuffle_buffer: int = 256  # windows held by the shuffle buffer
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # cosine: steps until min_lr (0: train.steps); wsd: length of the decay
+    impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1
+    seq_len: int = 64
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 250  # 0: only at the end
+    batches: int = 20
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # 0: only at the end
+    keep_last: int = 2
+    resume: str = ""  # "", "auto" (newest complete checkpoint in run_dir) or a checkpoint path
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs only, MFU omitted elsewhere
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    backend: Literal["auto", "torch"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_value(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values")
+        return tuple(_check_value(key, v, a) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config annotation {annotation!r} of {key} is not supported")
+    raise ConfigError(f"{key}={value!r} must be of type {annotation.__name__}")
+
+
+def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """An instance of the dataclass `cls` from `values`, every key and type checked."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "top level"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in values:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(values[name], dict):
+                raise ConfigError(f"{key} must be a section, got {values[name]!r}")
+            kwargs[name] = build_section(hints[name], values[name], key)
+        else:
+            kwargs[name] = _check_value(key, values[name], hints[name])
+    return cls(**kwargs)
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """`--optim.lr=3e-4` -> (["optim", "lr"], 3e-4); values are read as TOML, else as strings."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    key, raw = arg[2:].split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def model_presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.toml"))
+
+
+def _apply_preset(model: dict) -> dict:
+    name = model.get("preset", "")
+    if not name:
+        return model
+    path = CONFIG_DIR / "models" / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(f"model.preset={name!r} is not valid; valid: {', '.join(model_presets())}")
+    return _merge(_read_toml(path).get("model", {}), model)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Build a validated Config from a TOML file (or defaults) and command-line overrides."""
+    raw = _read_toml(Path(path)) if path else {}
+    for arg in overrides:
+        keys, value = parse_override(arg)
+        patch: dict = value
+        for k in reversed(keys):
+            patch = {k: patch}
+        raw = _merge(raw, patch)
+    raw["model"] = _apply_preset(raw.get("model", {}))
+    cfg = build_section(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject combinations that cannot run, each with the keys involved and what would be valid."""
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_model": m.d_model,
+        "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum, "train.seq_len": t.seq_len, "eval.batches": cfg.eval.batches,
+        "log.every": cfg.log.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.pos == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.pos='rope' needs an even head dim; d_model/n_heads={m.head_dim}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, written into every run directory."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)

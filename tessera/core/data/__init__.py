@@ -1,0 +1,6 @@
+"""Token data: prepared once into WebDataset tar shards, streamed by a resumable loader."""
+from tessera.core.data.loader import ShardReader, StreamingLoader
+from tessera.core.data.manifest import DataError, Manifest, read_manifest
+from tessera.core.data.prepare import prepare
+
+__all__ = ["DataError", "Manifest", "ShardReader", "StreamingLoader", "prepare", "read_manifest"]

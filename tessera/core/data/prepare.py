@@ -1,0 +1,124 @@
+"""Turn text files into WebDataset shards of token arrays plus a manifest.
+
+Documents (a .txt file, or one line of a .jsonl file) are tokenized and joined with the eos
+token; the first (1 - val_fraction) of the token stream is the train split, the rest is val.
+Each shard holds `shard_tokens` tokens as samples of at most `sample_tokens` tokens stored as
+`.npy`. Shards and the manifest are written under temporary names and renamed into place.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from tessera.core.data.manifest import MANIFEST, DataError, Manifest, Shard
+from tessera.core.tokenizer import Tokenizer
+
+
+def input_files(inputs: list[str]) -> list[Path]:
+    """The .txt and .jsonl files named by `inputs` (files, or directories searched recursively)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        elif path.is_file():
+            if path.suffix not in (".txt", ".jsonl"):
+                raise DataError(f"{path}: only .txt and .jsonl inputs are supported")
+            files.append(path)
+        else:
+            raise DataError(f"input {path} does not exist")
+    if not files:
+        raise DataError(f"no .txt or .jsonl files in {', '.join(inputs)}")
+    return files
+
+
+def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
+    """Yield each document's text; a bad JSONL line is an error naming the file and line."""
+    for path in files:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+            continue
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise DataError(f"{path}:{lineno}: no string field {text_field!r}")
+                yield record[text_field]
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _write_shard(path: Path, tokens: np.ndarray, sample_tokens: int) -> int:
+    """Write one tar shard atomically; returns its number of samples."""
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with wds.TarWriter(str(tmp)) as sink:
+        for start in range(0, len(tokens), sample_tokens):
+            buf = io.BytesIO()
+            np.save(buf, tokens[start : start + sample_tokens], allow_pickle=False)
+            sink.write({"__key__": f"{n:08d}", "tokens.npy": buf.getvalue()})
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def _write_split(out: Path, split: str, tokens: np.ndarray, shard_tokens: int, sample_tokens: int) -> list[Shard]:
+    shards = []
+    for i, start in enumerate(tqdm(range(0, len(tokens), shard_tokens), desc=f"{split} shards", unit="shard")):
+        chunk = tokens[start : start + shard_tokens]
+        name = f"{split}-{i:06d}.tar"
+        shards.append(Shard(name, len(chunk), _write_shard(out / name, chunk, sample_tokens)))
+    return shards
+
+
+def prepare(
+    inputs: list[str],
+    tokenizer: Tokenizer,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    shard_tokens: int = 1 << 20,
+    sample_tokens: int = 4096,
+    text_field: str = "text",
+) -> Manifest:
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
+    if shard_tokens <= 0 or sample_tokens <= 0:
+        raise DataError("--shard-tokens and --sample-tokens must be positive")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = _token_dtype(tokenizer.vocab_size)
+    pieces: list[np.ndarray] = []
+    for doc in tqdm(read_documents(input_files(inputs), text_field), desc="tokenizing", unit="doc"):
+        if pieces:
+            pieces.append(np.array([tokenizer.eos_id], dtype=dtype))
+        pieces.append(np.asarray(tokenizer.encode(doc), dtype=dtype))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+    if len(tokens) < 2:
+        raise DataError(f"inputs hold {len(tokens)} tokens; nothing to train on")
+    n_train = int(len(tokens) * (1.0 - val_fraction))
+    (out / MANIFEST).unlink(missing_ok=True)
+    for stale in out.glob("*.tar"):
+        stale.unlink()
+    splits = {"train": _write_split(out, "train", tokens[:n_train], shard_tokens, sample_tokens)}
+    if n_train < len(tokens):
+        splits["val"] = _write_split(out, "val", tokens[n_train:], shard_tokens, sample_tokens)
+    tokenizer.save(out)
+    manifest = Manifest(out, dtype.name, tokenizer.vocab_size, tokenizer.hash, splits)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, out / MANIFEST)
+    return manifest

@@ -1,0 +1,56 @@
+"""Evaluation: validation loss during training, perplexity of a checkpoint, BLEU and ROUGE of text."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from tessera.core.data import Manifest, ShardReader, StreamingLoader
+
+
+def mean_loss(engine, loader: StreamingLoader, batches: int, device: torch.device) -> float:
+    """Mean loss over the first `batches` batches of `loader` (all equal-sized, so token-weighted)."""
+    loader.reset()
+    losses = [engine.eval_loss(x.to(device), y.to(device)) for x, y in itertools.islice(loader, batches)]
+    if not losses:
+        raise ValueError(f"the {loader.split} split yields no batch of {loader.batch_size} x {loader.seq_len + 1} tokens")
+    return torch.stack(losses).mean().item()
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, manifest: Manifest, split: str, seq_len: int, batch_size: int,
+               device: torch.device) -> dict:
+    """Token-weighted mean NLL and its exp over every full (seq_len + 1)-token window of a split.
+
+    Windows are cut consecutively from the split's shards in order; the last batch may be smaller.
+    """
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    windows = ShardReader(manifest).windows(manifest.shards(split), seq_len + 1)
+    while batch := list(itertools.islice(windows, batch_size)):
+        data = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
+        x, y = data[:, :-1], data[:, 1:]
+        total_nll += model(x, y).double().item() * y.numel()
+        total_tokens += y.numel()
+    if not total_tokens:
+        raise ValueError(f"the {split} split holds no window of {seq_len + 1} tokens")
+    nll = total_nll / total_tokens
+    return {"nll": nll, "perplexity": math.exp(nll), "tokens": total_tokens}
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict:
+    """Corpus BLEU (sacrebleu) and mean ROUGE-1/2/L F1 (rouge-score), line by line."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references: they must pair up line by line")
+    if not predictions:
+        raise ValueError("no lines to score")
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    bleu = sacrebleu.corpus_bleu(predictions, [references])
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    rouge = {k: sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rouge2", "rougeL")}
+    return {"bleu": bleu.score, **rouge}

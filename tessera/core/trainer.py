@@ -1,0 +1,154 @@
+"""The training loop. It is handed an engine, loaders, a checkpointer and a logger from
+outside, and knows nothing of how many processes run it or who launched them."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tessera.core.checkpoint import Checkpointer, load_trainer_state, load_weights
+from tessera.core.config import Config, to_toml
+from tessera.core.data import StreamingLoader
+from tessera.core.evaluate import mean_loss
+from tessera.core.metrics import MetricsLogger, memory_gb
+from tessera.core.optim import lr_at, set_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainerParts:
+    engine: object  # LocalEngine or a distributed engine with the same methods
+    train_loader: StreamingLoader
+    val_loader: StreamingLoader | None
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    device: torch.device
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, parts: TrainerParts):
+        self.cfg, self.parts = cfg, parts
+        self.engine = parts.engine
+        self.step = 0
+        self.bad_in_row = 0
+        self.skipped_steps = 0
+        t = cfg.train
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.engine.optimizer.state_dict(),
+            "loader": self.parts.train_loader.state_dict(),
+            "rng": rng_state(),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def resume(self, ckpt: str | Path) -> None:
+        load_weights(self.engine.model, ckpt)
+        state = load_trainer_state(ckpt)
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.parts.train_loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+
+    def save(self) -> Path:
+        return self.parts.checkpointer.save(self.step, self.engine.model, self.state_dict(), to_toml(self.cfg))
+
+    def evaluate(self) -> dict:
+        if self.parts.val_loader is None:
+            return {}
+        loss = mean_loss(self.engine, self.parts.val_loader, self.cfg.eval.batches, self.parts.device)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def train_step(self, batches: Iterator) -> tuple[float, float]:
+        t = self.cfg.train
+        set_lr(self.engine.optimizer, lr_at(self.step, self.cfg.optim, t.steps))
+        loss = torch.zeros((), device=self.parts.device)
+        for _ in range(t.grad_accum):
+            x, y = next(batches)
+            x, y = x.to(self.parts.device, non_blocking=True), y.to(self.parts.device, non_blocking=True)
+            loss += self.engine.forward_backward(x, y, scale=1.0 / t.grad_accum)
+        loss /= t.grad_accum
+        norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
+        loss_value, norm_value = loss.item(), float(norm)
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.engine.step()
+            self.bad_in_row = 0
+        else:
+            self.bad_in_row += 1
+            self.skipped_steps += 1
+            if self.bad_in_row >= t.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.bad_in_row} non-finite losses in a row at step {self.step}; "
+                    f"last good checkpoint: {self.parts.checkpointer.latest()}"
+                )
+        self.engine.zero_grad()
+        self.step += 1
+        return loss_value, norm_value
+
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to `train.steps` (or stop after step `stop_at`, with a checkpoint); returns the last metrics."""
+        cfg, parts = self.cfg, self.parts
+        end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
+        batches = iter(parts.train_loader)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
+                   disable=not cfg.log.progress, mininterval=1.0, dynamic_ncols=True)
+        train_time, window_steps = 0.0, 0
+        last: dict = {}
+        while self.step < end:
+            started = time.perf_counter()
+            loss, norm = self.train_step(batches)
+            train_time += time.perf_counter() - started
+            window_steps += 1
+            bar.update(1)
+            done = self.step == end
+            if self.step % cfg.log.every == 0 or done:
+                tokens_per_s = window_steps * self.tokens_per_step / train_time
+                last = {
+                    "loss": loss, "lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": norm,
+                    "tokens_per_s": tokens_per_s, "mem_gb": memory_gb(parts.device),
+                    "skipped_steps": self.skipped_steps, "data_skipped": parts.train_loader.skipped,
+                }
+                if parts.peak_flops:
+                    last["mfu"] = parts.flops_per_token * tokens_per_s / parts.peak_flops
+                parts.metrics.log(self.step, last)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.2e}")
+                train_time, window_steps = 0.0, 0
+            if (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.train.steps:
+                val = self.evaluate()
+                if val:
+                    parts.metrics.log(self.step, val)
+                    last.update(val)
+                    bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}")
+            periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+            if (periodic or done) and self.bad_in_row == 0:  # never checkpoint in the middle of a bad streak
+                self.save()
+        bar.close()
+        return last

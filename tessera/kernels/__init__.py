@@ -1,0 +1,42 @@
+"""Kernels the model calls: attention, norms, losses. One entry point per op.
+
+The implementation behind each function is chosen by `dispatch.configure(...)` (from the
+run's `[kernels]` config section) and the device of the inputs, never by the caller.
+"""
+from __future__ import annotations
+
+import torch
+
+from tessera.kernels import attention_torch, cross_entropy_torch, dispatch, norms_torch  # noqa: F401 (registration)
+from tessera.kernels.dispatch import BACKENDS, KernelBackendError, configure
+
+
+def attention(q, k, v, causal: bool = True, doc_ids=None, key_padding_mask=None, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(d)) v with causal, packed-document and padding masks."""
+    return dispatch.resolve("attention", q.device)(q, k, v, causal, doc_ids, key_padding_mask, dropout_p)
+
+
+def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
+    return dispatch.resolve("layer_norm", x.device)(x, weight, bias, eps, residual)
+
+
+def rms_norm(x, weight, eps: float = 1e-6, residual=None):
+    return dispatch.resolve("rms_norm", x.device)(x, weight, eps, residual)
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    return dispatch.resolve("cross_entropy", logits.device)(
+        logits, targets, ignore_index, label_smoothing, z_loss, reduction
+    )
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of the LM head's logits without materialising all of them."""
+    return dispatch.resolve("linear_cross_entropy", hidden.device)(hidden, weight, targets, ignore_index)
+
+
+__all__ = [
+    "BACKENDS", "KernelBackendError", "attention", "configure", "cross_entropy",
+    "layer_norm", "linear_cross_entropy", "rms_norm",
+]

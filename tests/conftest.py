@@ -1,0 +1,51 @@
+"""Shared fixtures: a small slice of the bundled corpus, its char tokenizer and prepared shards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tessera.core.data import prepare
+from tessera.core.tokenizer import train_char
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "tinyshakespeare.txt"
+
+torch.set_num_threads(2)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return CORPUS.read_text()[:60_000]
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer(corpus_text):
+    return train_char([corpus_text])
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, corpus_text, char_tokenizer):
+    """60k characters as 6 train shards of 9,000 tokens and 1 val shard."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(corpus_text)
+    return prepare([str(root / "corpus.txt")], char_tokenizer, root / "prepared", val_fraction=0.1,
+                   shard_tokens=9_000, sample_tokens=1000)

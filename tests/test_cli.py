@@ -1,0 +1,115 @@
+"""The `tessera` command end to end, as a user runs it: real processes, real files."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CORPUS
+
+TESSERA = [sys.executable, "-m", "tessera"]
+
+
+def run(*args, ok=True):
+    proc = subprocess.run([*TESSERA, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, corpus_text):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text(corpus_text)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    run("tokenizer", "train", "--kind", "char", workdir / "corpus.txt", "--out", workdir / "tok")
+    run("data", "prepare", "--input", workdir / "corpus.txt", "--tokenizer", workdir / "tok",
+        "--out", workdir / "data", "--shard-tokens", "20000")
+    config = workdir / "tiny.toml"
+    config.write_text(
+        "[model]\nn_layers = 1\nn_heads = 2\nd_model = 32\nmax_seq_len = 32\n"
+        f"[data]\npath = {json.dumps(str(workdir / 'data'))}\n"
+        f"[train]\nrun_dir = {json.dumps(str(workdir / 'run'))}\nsteps = 20\nbatch_size = 4\nseq_len = 32\n"
+        "[eval]\nevery = 10\nbatches = 2\n[checkpoint]\nevery = 10\n[log]\nevery = 5\n"
+    )
+    out = run("train", config, "--optim.lr=3e-3")
+    assert "trained steps 0..20" in out.stdout
+    return workdir, config
+
+
+def test_train_writes_the_run_directory(trained):
+    workdir, _ = trained
+    run_dir = workdir / "run"
+    assert (run_dir / "config.toml").exists() and (run_dir / "metrics.jsonl").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
+    ckpt = run_dir / "checkpoints" / "step_000020"
+    assert {"model.safetensors", "config.json", "trainer_state.pt", "tokenizer.json"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_resume_auto_continues_from_the_newest_checkpoint(trained):
+    workdir, config = trained
+    out = run("train", config, "--optim.lr=3e-3", "--train.steps=25", "--resume", "auto")
+    assert "trained steps 20..25" in out.stdout
+
+
+def test_generate_streams_text(trained):
+    workdir, _ = trained
+    ckpt = workdir / "run" / "checkpoints" / "step_000020"
+    out = run("generate", "--ckpt", ckpt, "--prompt", "KING", "--max-new-tokens", "40", "--seed", "1")
+    assert out.stdout.startswith("KING") and len(out.stdout) > 20
+    greedy = [run("generate", "--ckpt", ckpt, "--prompt", "KING", "--max-new-tokens", "25", "--temperature", "0",
+                  *flag).stdout for flag in ([], ["--no-cache"])]
+    assert greedy[0] == greedy[1]
+
+
+def test_eval_perplexity_and_plot(trained):
+    workdir, _ = trained
+    ckpt = workdir / "run" / "checkpoints" / "step_000020"
+    result = json.loads(run("eval", "perplexity", "--ckpt", ckpt, "--data", workdir / "data").stdout)
+    assert result["perplexity"] > 1 and result["tokens"] > 0
+    run("plot", workdir / "run")
+    png = workdir / "run" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_text(tmp_path):
+    (tmp_path / "p.txt").write_text("the cat sat\nhello world\n")
+    (tmp_path / "r.txt").write_text("the cat sat\nhello there world\n")
+    scores = json.loads(run("eval", "text", "--pred", tmp_path / "p.txt", "--ref", tmp_path / "r.txt").stdout)
+    assert set(scores) == {"bleu", "rouge1", "rouge2", "rougeL"}
+    (tmp_path / "r.txt").write_text("one line\n")
+    bad = run("eval", "text", "--pred", tmp_path / "p.txt", "--ref", tmp_path / "r.txt", ok=False)
+    assert bad.returncode == 2 and "must pair up" in bad.stderr
+
+
+def test_bpe_tokenizer_command(workdir):
+    run("tokenizer", "train", "--vocab-size", "300", workdir / "corpus.txt", "--out", workdir / "bpe")
+    assert json.loads((workdir / "bpe" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--ckpt", "/nonexistent"], "is not a checkpoint and holds none"),
+    (["data", "prepare", "--input", "/nonexistent.txt", "--tokenizer", "x", "--out", "y"], "no tokenizer at"),
+    (["train", "/nonexistent.toml"], "does not exist"),
+    (["tokenizer", "train", str(CORPUS), "--out", "/tmp/x"], "--vocab-size is required"),
+    (["plot", "/nonexistent"], "no metrics.jsonl"),
+    (["generate", "--ckpt", "x", "--model.lr=1"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    proc = run(*args, ok=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_divergence_exits_1_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    workdir, config = trained
+    proc = run("train", config, f"--train.run_dir={json.dumps(str(tmp_path))}", "--optim.lr=1e30",
+               "--optim.min_lr=1e30", "--train.max_bad_steps=2", "--checkpoint.every=1", ok=False)
+    assert proc.returncode == 1 and "non-finite losses in a row" in proc.stderr
+    kept = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert kept and all((tmp_path / "checkpoints" / k / "model.safetensors").exists() for k in kept)
