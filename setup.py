@@ -3,6 +3,7 @@ from setuptools import find_packages, setup
 
 # torch is pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU-only machines.
 TORCH = "torch==2.13.0"
+TRITON = "triton==3.7.1; platform_system == 'Linux'"
 
 setup(
     name="tessera",
@@ -25,7 +26,10 @@ setup(
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2"],
+        # The triton that the CUDA build of torch 2.13.0 pins; its interpreter needs numpy.
+        "triton": [TRITON],
+        "flash-attn": ["flash-attn>=2.6"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2", TRITON],
     },
     entry_points={"console_scripts": ["tessera=tessera.core.cli:main"]},
 )

@@ -1,13 +1,20 @@
-"""Shared fixtures: a small slice of the bundled corpus, its char tokenizer and prepared shards."""
+"""Shared fixtures: a small slice of the bundled corpus, its char tokenizer and prepared shards.
+
+Without CUDA, Triton kernels run on CPU tensors under Triton's interpreter, which must be
+switched on before triton is first imported (importing torch does not import it).
+"""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tessera.core.data import prepare
-from tessera.core.tokenizer import train_char
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
@@ -39,12 +46,16 @@ def corpus_text() -> str:
 
 @pytest.fixture(scope="session")
 def char_tokenizer(corpus_text):
+    from tessera.core.tokenizer import train_char  # imported here so kernel-only runs need no data stack
+
     return train_char([corpus_text])
 
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, corpus_text, char_tokenizer):
     """60k characters as 6 train shards of 9,000 tokens and 1 val shard."""
+    from tessera.core.data import prepare
+
     root = tmp_path_factory.mktemp("data")
     (root / "corpus.txt").write_text(corpus_text)
     return prepare([str(root / "corpus.txt")], char_tokenizer, root / "prepared", val_fraction=0.1,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from tessera import kernels
 from tessera.kernels import cross_entropy_torch as ce_module
+from tessera.kernels import dispatch
 from tessera.kernels.dispatch import KernelBackendError
 
 
@@ -43,6 +44,7 @@ def test_document_masking_equals_separate_documents():
     s = sum(lengths)
     q, k, v = rand(1, 4, s, 8), rand(1, 2, s, 8), rand(1, 2, s, 8)
     doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    assert torch.equal(kernels.doc_ids_from_cu_seqlens(torch.tensor([0, 7, 19, 23]), s), doc_ids)
     packed = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids)
     start = 0
     for n in lengths:
@@ -126,12 +128,20 @@ def test_chunked_linear_cross_entropy_matches_unfused(monkeypatch, dtype):
 
 
 def test_dispatch_rejects_unknown_backends_and_ops():
-    with pytest.raises(KernelBackendError, match="valid: auto, torch"):
+    with pytest.raises(KernelBackendError, match="valid: auto, torch, triton, flash_attn"):
         kernels.configure("cudnn")
     with pytest.raises(KernelBackendError, match="unknown kernel op"):
         kernels.configure("auto", softmax="torch")
-    kernels.configure("torch", attention="auto")
-    kernels.configure("auto")
+    with pytest.raises(KernelBackendError, match="no 'flash_attn' implementation here .pip install flash-attn"):
+        kernels.configure("auto", attention="flash_attn")
+    with pytest.raises(KernelBackendError, match="no 'flash_attn' implementation"):
+        kernels.configure("auto", rms_norm="flash_attn")
+    try:
+        kernels.configure("torch", attention="auto")
+        assert dispatch.current()["attention"] == "auto" and dispatch.current()["rms_norm"] == "torch"
+        assert dispatch.resolve("rms_norm", torch.device("cuda")) is dispatch._registry["rms_norm"]["torch"]
+    finally:
+        kernels.configure("auto")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

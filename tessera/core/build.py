@@ -5,6 +5,7 @@ This is the one place that wires the pieces together; each piece knows only its 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -60,8 +61,11 @@ def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
 
 def build_trainer(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[Config, Trainer]:
     """A ready-to-fit Trainer (resumed when checkpoint.resume asks for it) and the final config."""
-    kernels.configure(cfg.kernels.backend)
+    kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu" and "triton" in kernels.dispatch.current().values() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("kernels backend 'triton' on CPU runs only under Triton's interpreter: start with "
+                          "TRITON_INTERPRET=1 (slow, for testing); valid on CPU otherwise: auto, torch")
     manifest = load_data(cfg)
     cfg = with_vocab(cfg, manifest.vocab_size)
     torch.manual_seed(cfg.train.seed)

@@ -122,9 +122,21 @@ class LogConfig:
     peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs only, MFU omitted elsewhere
 
 
+KernelBackend = Literal["auto", "torch", "triton", "flash_attn"]
+KernelOverride = Literal["", "auto", "torch", "triton", "flash_attn"]
+
+
 @dataclass(frozen=True)
 class KernelsConfig:
-    backend: Literal["auto", "torch"] = "auto"
+    backend: KernelBackend = "auto"  # auto: Triton on CUDA, torch elsewhere
+    attention: KernelOverride = ""  # "": follow `backend`
+    layer_norm: KernelOverride = ""
+    rms_norm: KernelOverride = ""
+    cross_entropy: KernelOverride = ""
+    linear_cross_entropy: KernelOverride = ""
+
+    def overrides(self) -> dict[str, str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "backend" and v}
 
 
 @dataclass(frozen=True)

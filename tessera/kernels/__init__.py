@@ -1,18 +1,31 @@
 """Kernels the model calls: attention, norms, losses. One entry point per op.
 
 The implementation behind each function is chosen by `dispatch.configure(...)` (from the
-run's `[kernels]` config section) and the device of the inputs, never by the caller.
+run's `[kernels]` config section) and the device of the inputs, never by the caller. Importing
+this package registers every implementation whose dependencies are installed.
 """
 from __future__ import annotations
 
 import torch
 
-from tessera.kernels import attention_torch, cross_entropy_torch, dispatch, norms_torch  # noqa: F401 (registration)
+from tessera.kernels import attention_flash_attn, attention_torch, cross_entropy_torch, dispatch, norms_torch  # noqa: F401
+from tessera.kernels.attention_torch import doc_ids_from_cu_seqlens
 from tessera.kernels.dispatch import BACKENDS, KernelBackendError, configure
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
+    from tessera.kernels import attention_triton, cross_entropy_triton, norms_triton  # noqa: F401
 
 
 def attention(q, k, v, causal: bool = True, doc_ids=None, key_padding_mask=None, dropout_p: float = 0.0):
-    """softmax(q k^T / sqrt(d)) v with causal, packed-document and padding masks."""
+    """softmax(q k^T / sqrt(d)) v with causal, packed-document and padding masks.
+
+    Packed sequences: `doc_ids` (B, S) labels each position's document, so samples packed into
+    one row never attend to each other; `doc_ids_from_cu_seqlens` converts varlen boundaries."""
     return dispatch.resolve("attention", q.device)(q, k, v, causal, doc_ids, key_padding_mask, dropout_p)
 
 
@@ -37,6 +50,6 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100) -> t
 
 
 __all__ = [
-    "BACKENDS", "KernelBackendError", "attention", "configure", "cross_entropy",
+    "BACKENDS", "KernelBackendError", "attention", "configure", "cross_entropy", "doc_ids_from_cu_seqlens",
     "layer_norm", "linear_cross_entropy", "rms_norm",
 ]

@@ -12,6 +12,13 @@ import torch.nn.functional as F
 from tessera.kernels.dispatch import register
 
 
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Packed-sequence boundaries as flash-attn's varlen API takes them ([0, len0, len0+len1, ...])
+    turned into the per-position document labels (1, seq_len) that `attention` takes."""
+    positions = torch.arange(seq_len, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens, positions, right=True) - 1)[None]
+
+
 def build_mask(
     sq: int,
     sk: int,
@@ -34,8 +41,6 @@ def build_mask(
     mask = (kpos <= qpos) if causal else torch.ones(sq, sk, dtype=torch.bool, device=device)
     mask = mask[None, None]
     if doc_ids is not None:
-        if doc_ids.shape[-1] != sk:
-            raise ValueError(f"doc_ids has length {doc_ids.shape[-1]}, keys have length {sk}")
         mask = mask & (doc_ids[:, None, -sq:, None] == doc_ids[:, None, None, :])
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :].bool()
@@ -56,6 +61,15 @@ def _attention_low_precision_cpu(q, k, v, mask, dropout_p):
     return (probs.to(v.dtype) @ v.unsqueeze(2)).reshape(b, hq, sq, d)
 
 
+def check_attention_args(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
+    """Shape errors every attention backend reports the same way."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if doc_ids is not None and doc_ids.shape[-1] != k.shape[2]:
+        raise ValueError(f"doc_ids has length {doc_ids.shape[-1]}, keys have length {k.shape[2]}")
+
+
 def attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,9 +79,8 @@ def attention_torch(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
+    check_attention_args(q, k, doc_ids)
     hq, hkv = q.shape[1], k.shape[1]
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     sq, sk = q.shape[2], k.shape[2]
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         mask = build_mask(sq, sk, q.device, causal, doc_ids, key_padding_mask)
