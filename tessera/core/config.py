@@ -140,6 +140,27 @@ class KernelsConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Layout of the world: dp_replicate x dp_shard x tp ranks (torchtitan's naming).
+
+    dp_shard > 1 shards with FSDP2 (HSDP when dp_replicate > 1 too); dp_replicate > 1 alone
+    is DDP. -1 for dp_shard means "the ranks left over". Read by tessera.distributed only.
+    """
+
+    engine: Literal["fsdp", "deepspeed"] = "fsdp"
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    sequence_parallel: bool = True  # with tp > 1: shard norms and dropout along the sequence
+    loss_parallel: bool = True  # with tp > 1: vocab-parallel LM head and loss
+    mixed_precision: Literal["none", "bf16"] = "none"  # FSDP2: bf16 params, fp32 gradient reduction
+    reshard_after_forward: bool = True
+    activation_checkpoint: Literal["none", "full", "selective", "op"] = "none"
+    checkpoint_every: int = 2  # selective: every k-th block
+    zero_stage: Literal[1, 2, 3] = 2  # deepspeed engine
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -149,6 +170,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -295,6 +317,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    p = cfg.parallel
+    if p.dp_replicate < 1 or p.tp < 1 or p.dp_shard == 0 or p.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_replicate={p.dp_replicate}, parallel.dp_shard={p.dp_shard}, "
+                          f"parallel.tp={p.tp}: each must be >= 1 (dp_shard may be -1: the ranks left over)")
+    if p.checkpoint_every < 1:
+        raise ConfigError(f"parallel.checkpoint_every={p.checkpoint_every} must be >= 1")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
 
