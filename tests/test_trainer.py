@@ -120,3 +120,15 @@ def test_data_from_another_tokenizer_is_refused(prepared, tmp_path):
     train_char(["only these letters"]).save(tmp_path / "other")
     with pytest.raises(DataError, match="was prepared with tokenizer"):
         make(prepared, tmp_path / "run", f"--data.tokenizer={json.dumps(str(tmp_path / 'other'))}")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--parallel.tp=2", "needs 2 ranks"),
+    ("--parallel.dp_shard=4", "needs 4 ranks"),
+    ("--parallel.engine=deepspeed", "not available yet"),
+])
+def test_layouts_a_single_process_cannot_run_are_refused(prepared, tmp_path, override, message):
+    from tessera.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make(prepared, tmp_path, override)

@@ -50,6 +50,20 @@ def load_data(cfg: Config):
     return read_manifest(cfg.data.path, tokenizer.hash)
 
 
+def check_single_process_layout(cfg: Config) -> None:
+    """`tessera train` runs one process for now; a layout that needs more ranks is refused, not ignored."""
+    p = cfg.parallel
+    ranks = p.dp_replicate * max(p.dp_shard, 1) * p.tp
+    if ranks > 1:
+        raise ConfigError(f"parallel layout dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x tp={p.tp} "
+                          f"needs {ranks} ranks; `tessera train` runs a single process (valid here: 1, -1 and 1)")
+    if p.engine != "fsdp":
+        raise ConfigError(f"parallel.engine={p.engine!r} is not available yet; valid: fsdp")
+    if p.activation_checkpoint != "none" or p.mixed_precision != "none":
+        raise ConfigError("parallel.activation_checkpoint and parallel.mixed_precision are not applied by "
+                          "single-process `tessera train` yet; valid: 'none' (use train.precision='bf16')")
+
+
 def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
     """The checkpoint that checkpoint.resume names: none, the newest complete one ("auto"), or a path."""
     if resume == "auto":
@@ -61,6 +75,7 @@ def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
 
 def build_trainer(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[Config, Trainer]:
     """A ready-to-fit Trainer (resumed when checkpoint.resume asks for it) and the final config."""
+    check_single_process_layout(cfg)
     kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
     device = resolve_device(cfg.train.device)
     if device.type == "cpu" and "triton" in kernels.dispatch.current().values() and os.environ.get("TRITON_INTERPRET") != "1":
