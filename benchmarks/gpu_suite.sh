@@ -15,7 +15,8 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" || status=1
 "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 timeout 240 "$python" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_kernels_attention_triton.py \
-  tests/test_kernels_norms_triton.py tests/test_kernels_cross_entropy_triton.py > "$out/tests.log" 2>&1 || status=1
+  tests/test_kernels_norms_triton.py tests/test_kernels_cross_entropy_triton.py tests/test_kernels_rope_swiglu_triton.py \
+  > "$out/tests.log" 2>&1 || status=1
 tail -n 3 "$out/tests.log"
 timeout 240 "$python" benchmarks/kernels.py --out "$out" > "$out/kernels.log" 2>&1 || status=1
 timeout 120 "$python" benchmarks/memory_ce.py --out "$out" > "$out/memory_ce.log" 2>&1 || status=1

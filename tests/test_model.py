@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from tessera import kernels
 from tessera.core.config import ModelConfig, load_config
 from tessera.core.kv_cache import KVCache
-from tessera.core.model import Transformer, apply_rope, rope_tables
+from tessera.core.model import Transformer, rope_tables
 
 
 def tiny(**kw):
@@ -51,7 +52,7 @@ def test_rope_rotates_halves_and_preserves_norm():
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     pos = torch.arange(5).expand(2, 5)
     cos, sin = rope_tables(8, pos, 10000.0)
-    y = apply_rope(x, cos.double(), sin.double())
+    y = kernels.rope(x, cos.double(), sin.double())
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     # position 0 is the identity; the first pair (dims 0 and 4) turns by angle = position
     torch.testing.assert_close(y[:, :, 0], x[:, :, 0])

@@ -134,6 +134,8 @@ class KernelsConfig:
     rms_norm: KernelOverride = ""
     cross_entropy: KernelOverride = ""
     linear_cross_entropy: KernelOverride = ""
+    rope: KernelOverride = ""
+    swiglu: KernelOverride = ""
 
     def overrides(self) -> dict[str, str]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "backend" and v}

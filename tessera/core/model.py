@@ -1,7 +1,7 @@
 """A decoder-only transformer with the knobs of both GPT-2 and Llama.
 
-Plain PyTorch: attention, norms and the loss go through `tessera.kernels`, and parallelism
-is applied from outside by `tessera.distributed`. GPT-2 style is LayerNorm + learned
+Plain PyTorch: attention, norms, RoPE, SwiGLU and the loss go through `tessera.kernels`, and
+parallelism is applied from outside by `tessera.distributed`. GPT-2 style is LayerNorm + learned
 positions + GELU (+ biases); Llama style is RMSNorm + RoPE + SwiGLU + grouped-query attention.
 """
 from __future__ import annotations
@@ -38,13 +38,6 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[t
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (the Hugging Face Llama convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,7 +54,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = kernels.rope(q, *rope), kernels.rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = kernels.attention(
@@ -80,7 +73,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
+        h = kernels.swiglu(self.gate(x), self.up(x)) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
         return self.down(h)
 
 

@@ -1,4 +1,4 @@
-"""Kernels the model calls: attention, norms, losses. One entry point per op.
+"""Kernels the model calls: attention, norms, RoPE, SwiGLU, losses. One entry point per op.
 
 The implementation behind each function is chosen by `dispatch.configure(...)` (from the
 run's `[kernels]` config section) and the device of the inputs, never by the caller. Importing
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from tessera.kernels import attention_flash_attn, attention_torch, cross_entropy_torch, dispatch, norms_torch  # noqa: F401
+from tessera.kernels import (  # noqa: F401
+    attention_flash_attn, attention_torch, cross_entropy_torch, dispatch, norms_torch, rope_torch, swiglu_torch,
+)
 from tessera.kernels.attention_torch import doc_ids_from_cu_seqlens
 from tessera.kernels.dispatch import BACKENDS, KernelBackendError, configure
 
@@ -18,7 +20,9 @@ except ImportError:
     HAS_TRITON = False
 else:
     HAS_TRITON = True
-    from tessera.kernels import attention_triton, cross_entropy_triton, norms_triton  # noqa: F401
+    from tessera.kernels import (  # noqa: F401
+        attention_triton, cross_entropy_triton, norms_triton, rope_triton, swiglu_triton,
+    )
 
 
 def attention(q, k, v, causal: bool = True, doc_ids=None, key_padding_mask=None, dropout_p: float = 0.0):
@@ -37,6 +41,17 @@ def rms_norm(x, weight, eps: float = 1e-6, residual=None):
     return dispatch.resolve("rms_norm", x.device)(x, weight, eps, residual)
 
 
+def rope(x, cos, sin):
+    """Rotary position embedding of x (B, H, S, D) with cos/sin tables broadcastable to it
+    (Hugging Face Llama convention: the two halves of each head rotate together)."""
+    return dispatch.resolve("rope", x.device)(x, cos, sin)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up: the gated activation of a SwiGLU MLP."""
+    return dispatch.resolve("swiglu", gate.device)(gate, up)
+
+
 def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0,
                   z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     return dispatch.resolve("cross_entropy", logits.device)(
@@ -51,5 +66,5 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100) -> t
 
 __all__ = [
     "BACKENDS", "KernelBackendError", "attention", "configure", "cross_entropy", "doc_ids_from_cu_seqlens",
-    "layer_norm", "linear_cross_entropy", "rms_norm",
+    "layer_norm", "linear_cross_entropy", "rms_norm", "rope", "swiglu",
 ]

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy")
+OPS = ("attention", "layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy", "rope", "swiglu")
 BACKENDS = ("auto", "torch", "triton", "flash_attn")
 INSTALL_HINT = {
     "triton": "pip install 'triton==3.7.1' (Linux; on CPU tensors it runs under TRITON_INTERPRET=1)",
