@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +21,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+from tessera.core.metrics import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 
 def one_case(mode: str, tokens: int, width: int, vocab: int) -> float:
@@ -43,6 +39,7 @@ def one_case(mode: str, tokens: int, width: int, vocab: int) -> float:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        reset_peak_rss()
         base = rss_bytes()
     if mode == "fused":
         loss = dispatch.resolve("linear_cross_entropy", h.device)(h, w, t, -100)
@@ -52,7 +49,7 @@ def one_case(mode: str, tokens: int, width: int, vocab: int) -> float:
     if cuda:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return peak_rss_bytes() - base
 
 
 def main() -> None:

@@ -113,3 +113,16 @@ def test_divergence_exits_1_and_keeps_the_last_good_checkpoint(trained, tmp_path
     assert proc.returncode == 1 and "non-finite losses in a row" in proc.stderr
     kept = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_")]
     assert kept and all((tmp_path / "checkpoints" / k / "model.safetensors").exists() for k in kept)
+
+
+def test_plan_command(capsys):
+    from tessera.core.cli import main
+
+    assert main(["plan", "--model", "llama-70b", "--gpus", "256", "--gpu-mem", "80", "--seq", "8192",
+                 "--dp-shard", "32", "--tp", "8", "--ac", "full"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("fsdp r1 s32 tp8 ac=full bf16") and " yes " in row
+    assert main(["plan", "--model", "llama-70b", "--gpus", "8", "--gpu-mem", "80", "--seq", "8192"]) == 2
+    assert "no layout of llama-70b fits 8 GPUs" in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt2-124m", "--gpus", "8", "--gpu-mem", "80", "--seq", "1024", "--tp", "5"]) == 2
+    assert capsys.readouterr().err.startswith("tessera: error:")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -107,6 +108,24 @@ def cmd_eval_text(args) -> None:
     print(json.dumps(text_metrics(preds, refs)))
 
 
+def cmd_plan(args) -> None:
+    from tessera.core.config import load_config
+    from tessera.distributed.planner import Layout, format_table, plan, rank_layouts
+
+    model = load_config(None, [f"--model.preset={json.dumps(args.model)}"]).model
+    shape = (model, args.gpus, args.gpu_mem, args.seq, args.micro_batch)
+    if args.dp_shard or args.dp_replicate > 1 or args.tp > 1:
+        dp_shard = args.dp_shard or args.gpus // (args.dp_replicate * args.tp)
+        layout = Layout(args.dp_replicate, dp_shard, args.tp, args.ac, args.ac_every, args.precision,
+                        args.engine, args.zero_stage)
+        print(format_table([plan(*shape, layout)]))
+    else:
+        fitting = rank_layouts(*shape, precision=args.precision, engine=args.engine, zero_stage=args.zero_stage)
+        if not fitting:
+            raise UsageError(f"no layout of {args.model} fits {args.gpus} GPUs of {args.gpu_mem} GiB at seq {args.seq}")
+        print(format_table(fitting))
+
+
 def cmd_plot(args) -> None:
     from tessera.core.plot import plot_run
 
@@ -169,6 +188,22 @@ def parser() -> argparse.ArgumentParser:
     et.add_argument("--ref", required=True)
     et.set_defaults(func=cmd_eval_text)
 
+    pn = sub.add_parser("plan", help="per-GPU memory and step time of parallel layouts (fitting ones, fastest first)")
+    pn.add_argument("--model", required=True, help="a preset of configs/models/")
+    pn.add_argument("--gpus", type=int, required=True)
+    pn.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU")
+    pn.add_argument("--seq", type=int, required=True)
+    pn.add_argument("--micro-batch", type=int, default=1)
+    pn.add_argument("--dp-shard", type=int, default=0, help="with --dp-replicate/--tp: plan this one layout")
+    pn.add_argument("--dp-replicate", type=int, default=1)
+    pn.add_argument("--tp", type=int, default=1)
+    pn.add_argument("--ac", choices=["none", "full", "selective", "op"], default="none")
+    pn.add_argument("--ac-every", type=int, default=2)
+    pn.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    pn.add_argument("--engine", choices=["fsdp", "deepspeed"], default="fsdp")
+    pn.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=3)
+    pn.set_defaults(func=cmd_plan)
+
     pl = sub.add_parser("plot", help="plot a run's loss curves to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out")
@@ -177,6 +212,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # as a command: let `tessera ... | head` end quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

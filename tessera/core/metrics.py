@@ -21,11 +21,36 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
     return None
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the process started or since `reset_peak_rss()`.
+
+    Read from VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent
+    across fork and exec, so a child of a large process would report the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory measurement from the current resident size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def memory_gb(device: torch.device) -> float:
     """Peak accelerator memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+    return peak_rss_bytes() / 1e9
 
 
 class MetricsLogger:

@@ -1,1 +1,1 @@
-"""distributed"""
+"""Parallelism applied from outside the model: env, mesh, parallelize, engine."""

@@ -1,0 +1,156 @@
+"""Parallelism applied from outside to the unmodified `Transformer`.
+
+Order matters: tensor parallelism first (it turns block weights into DTensors on the "tp" mesh),
+then activation checkpointing (hooks on the blocks), then FSDP2 per block and the root, so that
+FSDP shards the TP shards (2-D) and gathers one block at a time. DDP is the composable
+`replicate`, so the model keeps its type and, like every step here, its state-dict keys.
+
+The embedding, final norm and LM head stay replicated across TP ranks: the loss goes through
+`kernels.linear_cross_entropy(h, lm_head.weight, ...)`, which is not DTensor-aware, so a
+vocab-parallel head (`parallel.loss_parallel`) is not applied yet; tied embeddings keep working.
+"""
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.distributed._composable import replicate
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from tessera.core.config import ConfigError, ParallelConfig
+from tessera.distributed.mesh import ParallelDims
+
+# Block.forward(x, rope, doc_ids, key_padding_mask, cache, layer): only x is laid out by TP.
+_BLOCK_ARGS = 6
+_ATTN_ARGS = 6
+
+_SAVE_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _layouts(first, n: int) -> tuple:
+    return (first,) + (None,) * (n - 1)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Megatron-style TP of every block: q/k/v and up/gate by columns, wo and down by rows.
+
+    With sequence parallelism the residual stream between blocks is a local tensor sharded
+    along the sequence; norms run on that shard and each attention/MLP all-gathers its input.
+    """
+    tp = tp_mesh.size()
+    for block in model.layers:
+        attn = block.attn
+        if attn.n_heads % tp or attn.n_kv_heads % tp:
+            raise ConfigError(f"parallel.tp={tp} must divide model.n_heads={attn.n_heads} and the "
+                              f"kv heads ({attn.n_kv_heads})")
+        if block.mlp.up.out_features % tp:
+            raise ConfigError(f"parallel.tp={tp} must divide the MLP width {block.mlp.up.out_features}")
+        seq = Shard(1) if sequence_parallel else Replicate()
+        plan = {
+            "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=seq),
+            "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel(output_layouts=seq),
+        }
+        if block.mlp.gate is not None:
+            plan["mlp.gate"] = ColwiseParallel()
+        if sequence_parallel:
+            plan.update({
+                "attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
+                "attn": PrepareModuleInput(input_layouts=_layouts(Shard(1), _ATTN_ARGS),
+                                           desired_input_layouts=_layouts(Replicate(), _ATTN_ARGS)),
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+        attn.n_heads //= tp  # the attention reshapes with its local head counts
+        attn.n_kv_heads //= tp
+    if sequence_parallel:
+        model.register_forward_pre_hook(partial(_check_sequence_divides, tp))
+        # The first block shards the (replicated) embeddings along the sequence; the final norm
+        # gathers them back for the replicated LM head and loss.
+        parallelize_module(model, tp_mesh, {
+            "layers.0": PrepareModuleInput(input_layouts=_layouts(Replicate(), _BLOCK_ARGS),
+                                           desired_input_layouts=_layouts(Shard(1), _BLOCK_ARGS),
+                                           use_local_output=True),
+            "norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                       use_local_output=True),
+        })
+
+
+def _check_sequence_divides(tp: int, module: nn.Module, args: tuple) -> None:
+    """Uneven sequence shards make gloo abort the process; fail with a message instead."""
+    if args and args[0].shape[1] % tp:
+        raise ConfigError(f"sequence parallelism needs the sequence length ({args[0].shape[1]}) to be "
+                          f"divisible by parallel.tp={tp}; or set parallel.sequence_parallel=false")
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_ac(model: nn.Module, mode: str, every: int = 2) -> None:
+    """Activation checkpointing of blocks: all ("full"), every k-th ("selective"), or all with
+    matmul and attention outputs kept and only the cheap element-wise ops recomputed ("op").
+
+    A wrapper module rather than the composable `checkpoint` hooks, because only the wrapper
+    works under torch.compile; its state-dict hooks keep the checkpoint keys unchanged.
+    """
+    if mode == "none":
+        return
+    for i, block in enumerate(model.layers):
+        if mode == "selective" and i % every:
+            continue
+        if mode == "op":
+            model.layers[i] = checkpoint_wrapper(
+                block, context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls))
+        else:
+            model.layers[i] = checkpoint_wrapper(block)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+    """FSDP2 per block (one all-gather in flight per block), then the root for the rest."""
+    mp = MixedPrecisionPolicy()
+    if cfg.mixed_precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are gathered again at once by backward: keep them.
+        reshard = cfg.reshard_after_forward and i < len(model.layers) - 1
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh: DeviceMesh | None) -> nn.Module:
+    """`model` with TP/SP, activation checkpointing and FSDP2/HSDP/DDP applied in place."""
+    if dims.tp > 1:
+        if dims.ddp:
+            raise ConfigError(f"parallel.dp_replicate={dims.dp_replicate} with parallel.tp={dims.tp} needs "
+                              "parallel.dp_shard > 1 (HSDP); DDP does not take DTensor parameters")
+        if cfg.loss_parallel:
+            warnings.warn("parallel.loss_parallel is not supported yet: the LM head and loss stay "
+                          "replicated across TP ranks", stacklevel=2)
+        apply_tp(model, mesh["tp"], cfg.sequence_parallel)
+    apply_ac(model, cfg.activation_checkpoint, cfg.checkpoint_every)
+    if dims.fsdp:
+        dp_dims = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
+        apply_fsdp(model, mesh[dp_dims], cfg)
+    elif dims.ddp:
+        replicate(model, device_mesh=mesh["dp_replicate"])
+    return model

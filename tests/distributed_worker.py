@@ -1,0 +1,114 @@
+"""Trains a tiny model under several parallel layouts inside one torchrun launch.
+
+Usage: torchrun --nproc_per_node N tests/distributed_worker.py OUT.json LAYOUT [LAYOUT ...]
+Each layout trains both model styles for STEPS steps on the same global batch (each data-parallel
+rank takes its slice); rank 0 also trains the single-process reference and writes everything to
+OUT.json for tests/test_distributed.py to compare.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from tessera.core.config import ModelConfig, OptimConfig, ParallelConfig
+from tessera.core.engine import LocalEngine
+from tessera.core.model import Transformer
+from tessera.core.optim import build_optimizer
+from tessera.distributed.engine import DistributedEngine
+from tessera.distributed.env import destroy, init_distributed
+from tessera.distributed.mesh import ParallelDims
+from tessera.distributed.parallelize import parallelize
+
+STEPS, BATCH, SEQ, GRAD_CLIP = 6, 4, 16, 0.5
+BASE = dict(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=SEQ)
+MODELS = {
+    "llama": ModelConfig(**BASE, norm="rmsnorm", pos="rope", mlp="swiglu", d_ff=64),
+    "gpt2": ModelConfig(**BASE, norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=False),
+}
+LAYOUTS = {  # name: parallel config fields
+    "ddp": dict(dp_replicate=2, dp_shard=1),
+    "fsdp": dict(dp_shard=2),
+    "tp": dict(dp_shard=1, tp=2, sequence_parallel=False),
+    "tp_sp": dict(dp_shard=1, tp=2, sequence_parallel=True),
+    "fsdp_ac": dict(dp_shard=2, activation_checkpoint="op"),
+    "fsdp_bf16": dict(dp_shard=2, mixed_precision="bf16", reshard_after_forward=False,
+                      activation_checkpoint="full"),
+    "hsdp": dict(dp_replicate=2, dp_shard=2),
+    "fsdp_tp": dict(dp_shard=2, tp=2, sequence_parallel=True),
+}
+# eps 1e-6: the key bias has a zero true gradient (softmax ignores it), and with a tiny eps AdamW
+# would turn its rounding noise into full-size updates that make layouts drift apart.
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, eps=1e-6, impl="foreach")
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, BASE["vocab_size"], (BATCH, SEQ + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_numel(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, DTensor) else t).numel()
+
+
+def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
+    torch.manual_seed(1234)
+    model = Transformer(model_cfg)
+    x, y = global_batch()
+    if parallel is None:
+        engine = LocalEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
+    else:
+        dims = ParallelDims.resolve(parallel, env.world_size)
+        parallelize(model, parallel, dims, dims.build_mesh(env.device.type))
+        engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
+        per_rank = BATCH // dims.dp_size
+        rank = dims.dp_rank(env.rank)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+    losses, norms = [], []
+    for _ in range(STEPS):
+        losses.append(engine.forward_backward(x, y).item())
+        norms.append(engine.clip_grad_norm(GRAD_CLIP).item())
+        engine.step()
+        engine.zero_grad()
+    params = {n: full(p.detach()) for n, p in model.state_dict().items()}  # keys without AC wrappers
+    state = [s["exp_avg"] for s in engine.optimizer.state.values()]
+    return {
+        "losses": losses, "norms": norms, "eval": engine.eval_loss(x, y).item(),
+        "checksums": {n: [p.double().sum().item(), p.double().abs().sum().item()] for n, p in params.items()},
+        "param_numel": sum(full(p.detach()).numel() for p in model.parameters()),
+        "local_param_numel": sum(local_numel(p) for p in model.parameters()),
+        "state_numel": sum(full(s).numel() for s in state),
+        "local_state_numel": sum(local_numel(s) for s in state),
+    }
+
+
+def main() -> None:
+    out, names = sys.argv[1], sys.argv[2:]
+    env = init_distributed("cpu")
+    results: dict = {"world_size": env.world_size, "layouts": {}}
+    for style, model_cfg in MODELS.items():
+        if env.rank == 0:
+            results.setdefault("reference", {})[style] = train(model_cfg, None, dataclasses.replace(env, world_size=1))
+        for name in names:
+            r = train(model_cfg, ParallelConfig(**LAYOUTS[name]), env)
+            gathered = [None] * env.world_size
+            dist.all_gather_object(gathered, {k: r[k] for k in ("local_param_numel", "local_state_numel")})
+            r["per_rank"] = gathered
+            results["layouts"].setdefault(name, {})[style] = r
+    if env.rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The planner: exact parameter counts, sharding rules, layout checks, and its memory model against
+the measured peak of real CPU training steps (run in fresh subprocesses by this same file)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tessera.core.config import ModelConfig, load_config
+from tessera.distributed.planner import GIB, Hardware, Layout, count_params, format_table, plan, rank_layouts
+
+CPU = Hardware(device="cpu")
+
+
+def preset(name: str) -> ModelConfig:
+    return load_config(overrides=[f"--model.preset={name}"]).model
+
+
+# Small models trained for real; (model kwargs, micro_batch, seq_len, ac).
+MEASURED = {
+    "gpt2-L4-d384-noac": (dict(vocab_size=8192, n_layers=4, n_heads=6, d_model=384), 4, 512, "none"),
+    "gpt2-L4-d384-full": (dict(vocab_size=8192, n_layers=4, n_heads=6, d_model=384), 4, 512, "full"),
+    "llama-L8-d512-full": (dict(vocab_size=8192, n_layers=8, n_heads=8, n_kv_heads=4, d_model=512, norm="rmsnorm",
+                                pos="rope", mlp="swiglu", tie_embeddings=False), 4, 1024, "full"),
+    "llama-L6-d384-noac": (dict(vocab_size=16384, n_layers=6, n_heads=6, n_kv_heads=2, d_model=384, norm="rmsnorm",
+                                pos="rope", mlp="swiglu"), 4, 1024, "none"),
+}
+
+
+def measure(model_kw: dict, micro_batch: int, seq_len: int, ac: str) -> int:
+    """Peak RSS growth (bytes) over two full AdamW steps, in this (fresh) process.
+
+    glibc is told (by the parent) to mmap every allocation above 64 KiB, so freed tensors leave
+    the resident set at once and the peak (VmHWM) follows live tensors. A tiny model trains first so
+    that kernels' code pages and thread pools are resident before the baseline is read.
+    """
+    import torch.utils.checkpoint as ckpt
+
+    from tessera.core.metrics import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from tessera.core.model import Block, Transformer
+
+    torch.set_num_threads(1)
+    if ac == "full":
+        plain = Block.forward
+        Block.forward = lambda self, *a: ckpt.checkpoint(plain, self, *a, use_reentrant=False)
+
+    def steps(cfg: ModelConfig, b: int, s: int) -> None:
+        model = Transformer(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        for _ in range(2):
+            idx = torch.randint(0, cfg.vocab_size, (b, s))
+            model(idx, idx).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    tiny = dict(model_kw, n_layers=1, vocab_size=64)
+    steps(ModelConfig(**tiny, max_seq_len=seq_len), 1, 32)
+    reset_peak_rss()
+    base = rss_bytes()
+    steps(ModelConfig(**model_kw, max_seq_len=seq_len), micro_batch, seq_len)
+    return peak_rss_bytes() - base
+
+
+def measured_peak(name: str) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, __file__, name], env=env, check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1])
+
+
+def estimated_peak(name: str) -> int:
+    kw, b, s, ac = MEASURED[name]
+    cfg = ModelConfig(**kw, max_seq_len=s)
+    return plan(cfg, 1, 1e9, s, b, Layout(ac=ac, precision="fp32"), CPU).total
+
+
+def check_measured(name: str) -> None:
+    real, est = measured_peak(name), estimated_peak(name)
+    print(f"{name}: measured {real / 2**20:.1f} MiB, estimated {est / 2**20:.1f} MiB, {est / real - 1:+.1%}")
+    assert abs(est / real - 1) < 0.15, (name, real, est)
+
+
+def test_memory_model_matches_a_measured_cpu_step():
+    check_measured("gpt2-L4-d384-noac")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2-L4-d384-full", "llama-L8-d512-full", "llama-L6-d384-noac"])
+def test_memory_model_matches_more_measured_cpu_steps(name):
+    check_measured(name)
+
+
+def test_param_counts_are_exact():
+    assert count_params(preset("gpt2-124m"))["total"] == 124_439_808
+    for name in ("llama-125m", "llama-1b", "llama-8b", "llama-70b"):
+        cfg = preset(name)
+        d, kv, f, L, V = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_layers, cfg.vocab_size
+        block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+        expected = L * block + V * d * (1 if cfg.tie_embeddings else 2) + d
+        assert count_params(cfg)["total"] == expected, name
+    assert 8.0e9 < count_params(preset("llama-8b"))["total"] < 8.1e9
+    assert 70.5e9 < count_params(preset("llama-70b"))["total"] < 70.6e9
+
+
+def test_fsdp_divides_params_grads_and_optimizer_by_dp_shard():
+    cfg = preset("llama-1b")
+    one = plan(cfg, 1, 80, 2048, 1, Layout(dp_shard=1))
+    eight = plan(cfg, 8, 80, 2048, 1, Layout(dp_shard=8))
+    for key in ("params", "grads", "optimizer"):
+        assert getattr(eight, key) == pytest.approx(getattr(one, key) / 8, rel=1e-6), key
+    assert eight.activations == one.activations
+
+
+def test_zero_stages_shard_optimizer_then_grads_then_params():
+    cfg = preset("llama-1b")
+    est = {z: plan(cfg, 8, 80, 2048, 1, Layout(dp_shard=8, engine="deepspeed", zero_stage=z)) for z in (1, 2, 3)}
+    full = plan(cfg, 1, 80, 2048, 1, Layout(engine="deepspeed", zero_stage=1))
+    assert est[1].optimizer == pytest.approx(full.optimizer / 8, rel=1e-6)
+    assert est[1].grads == full.grads and est[1].params == full.params
+    assert est[2].grads == pytest.approx(full.grads / 8, rel=1e-6) and est[2].params == full.params
+    assert est[3].params == pytest.approx(full.params / 8, rel=1e-6)
+    assert est[1].total > est[2].total > est[3].total
+
+
+def test_activation_checkpointing_reduces_activations():
+    cfg = preset("llama-8b")
+    acts = {ac: plan(cfg, 8, 80, 8192, 1, Layout(dp_shard=8, ac=ac)).activations
+            for ac in ("none", "selective", "op", "full")}
+    assert acts["full"] < acts["selective"] < acts["none"]
+    assert acts["full"] < acts["op"] < acts["none"]
+    est = plan(cfg, 8, 80, 8192, 1, Layout(dp_shard=8, ac="full"))
+    assert est.activations_no_ac == acts["none"] and est.total < plan(cfg, 8, 80, 8192, 1, Layout(dp_shard=8)).total
+
+
+def test_70b_fits_on_256_gpus_with_fsdp32_tp8_and_not_on_8():
+    cfg = preset("llama-70b")
+    big = plan(cfg, 256, 80, 8192, 1, Layout(dp_shard=32, tp=8, ac="full"))
+    assert big.fits, big.total / GIB
+    small = plan(cfg, 8, 80, 8192, 1, Layout(dp_shard=8, ac="full"))
+    assert not small.fits
+
+
+def test_rank_layouts_returns_fitting_layouts_fastest_first():
+    cfg = preset("llama-8b")
+    ranked = rank_layouts(cfg, 16, 80, 4096, 1)
+    assert ranked and all(e.fits and e.layout.world == 16 for e in ranked)
+    speeds = [e.tokens_per_s for e in ranked]
+    assert speeds == sorted(speeds, reverse=True)
+    assert len(rank_layouts(cfg, 16, 80, 4096, 1)) > len(rank_layouts(cfg, 16, 40, 4096, 1))
+    assert "fsdp" in format_table(ranked[:3]) and len(format_table(ranked[:3]).splitlines()) == 5
+
+
+def test_step_time_grows_with_inter_node_sharding_and_recompute():
+    cfg = preset("llama-8b")
+    intra = plan(cfg, 8, 80, 8192, 1, Layout(dp_shard=8))
+    full = plan(cfg, 8, 80, 8192, 1, Layout(dp_shard=8, ac="full"))
+    assert full.compute_s > intra.compute_s
+    inter = plan(cfg, 16, 80, 8192, 1, Layout(dp_shard=16))
+    assert inter.comm_s > 4 * intra.comm_s
+
+
+@pytest.mark.parametrize("kwargs, gpus, message", [
+    (dict(tp=3), 3, "tp=3 must divide n_heads"),
+    (dict(dp_shard=4), 8, "gpus=8 must equal"),
+    (dict(ac="sometimes"), 1, "ac='sometimes'"),
+    (dict(engine="deepspeed", zero_stage=4), 1, "zero_stage=4"),
+])
+def test_bad_layouts_raise_value_error_naming_the_problem(kwargs, gpus, message):
+    with pytest.raises(ValueError, match=message):
+        plan(preset("llama-1b"), gpus, 80, 2048, 1, Layout(**kwargs))
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    peak = measure(*MEASURED[sys.argv[1]])
+    print(f"{time.time() - t0:.1f}s", peak)
