@@ -1,0 +1,136 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards.
+
+    <dir>/step_000500/.metadata, __R_0.distcp   model + optimizer, by parameter name and global offset
+                     /rank{R}.pt                 per-rank extras (data-loader state, RNG), torch.save
+
+DCP stores each shard with its place in the global tensor, so a checkpoint saved under one layout
+(FSDP over 2 ranks) loads into another (FSDP over 4, TP, or a plain single-process model).
+Optimizer state is saved flattened (keyed by parameter name, not by param-group index), because
+DistributedEngine splits param groups by tensor kind and the group count differs across layouts.
+
+Data-loader state is per rank and only restorable at the same world size: at another one
+`load_sharded` restores model and optimizer and returns None for the extras, and the caller
+decides (the loader refuses a different layout anyway, since its order could not be reproduced).
+
+Directories follow the local Checkpointer: written to `.step_NNNNNN.tmp` and, after a barrier,
+renamed by rank 0, so a crash never leaves a half-written `step_NNNNNN`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from safetensors.torch import save_model
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from tessera.core.config import ModelConfig, to_dict
+from tessera.core.model import Transformer
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns whenever it runs without a process group; here that is the 1-rank case, on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` into place; an existing `final` is moved aside first, never deleted early."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 extra: dict) -> Path:
+    """Collective: every rank writes its shards and `extra` into the temporary directory, then rank 0
+    renames it once all ranks are done."""
+    directory = Path(directory)
+    final = directory / f"step_{step:06d}"
+    tmp = directory / f".step_{step:06d}.tmp"
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    with _single_process_is_intended():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _distributed())
+    with open(tmp / f"rank{rank}.pt", "wb") as f:
+        torch.save(extra, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _barrier()
+    if rank == 0:
+        _publish(tmp, final)
+    _barrier()
+    return final
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Collective: load model and optimizer state into any layout (resharding as needed); return this
+    rank's extras when the checkpoint was saved at this world size, else None."""
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    state = {"model": model_sd, "optim": optim_sd}
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=OPTIONS)
+    saved_world = len(list(path.glob("rank*.pt")))
+    if saved_world != _world_size():
+        return None
+    return torch.load(path / f"rank{_rank()}.pt", weights_only=True)
+
+
+def export_consolidated(path: str | Path, model_cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Gather a sharded checkpoint's weights into one process (no process group needed) and write
+    `model.safetensors` + `config.json`, the layout `load_model_from_checkpoint` and `generate` read."""
+    model = Transformer(model_cfg)
+    state = {"model": get_model_state_dict(model)}
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)  # only the model keys are read
+    model.load_state_dict(state["model"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps(to_dict(model_cfg), indent=2))
+    return out_dir
