@@ -33,6 +33,19 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` directory into place; an existing `final` is moved aside first
+    and deleted only once the new one stands, so a crash never leaves neither."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep_last: int = 2, attachments: tuple[Path, ...] = ()):
         """`attachments` are files copied into every checkpoint (the tokenizer), so each is self-contained."""
@@ -53,14 +66,7 @@ class Checkpointer:
         for f in self.attachments:
             shutil.copy(f, tmp / Path(f).name)
         _fsync_tree(tmp)
-        if final.exists():
-            old = self.directory / f".step_{step:06d}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        publish(tmp, final)
         self._prune()
         return final
 

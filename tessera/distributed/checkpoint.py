@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from tessera.core.checkpoint import publish
 from tessera.core.config import ModelConfig, to_dict
 from tessera.core.model import Transformer
 
@@ -67,18 +68,6 @@ def _single_process_is_intended():
         yield
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished `tmp` into place; an existing `final` is moved aside first, never deleted early."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
 def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                  extra: dict) -> Path:
     """Collective: every rank writes its shards and `extra` into the temporary directory, then rank 0
@@ -100,7 +89,7 @@ def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: 
         os.fsync(f.fileno())
     _barrier()
     if rank == 0:
-        _publish(tmp, final)
+        publish(tmp, final)
     _barrier()
     return final
 
