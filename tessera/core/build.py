@@ -56,7 +56,7 @@ def check_single_process_layout(cfg: Config) -> None:
     ranks = p.dp_replicate * max(p.dp_shard, 1) * p.tp
     if ranks > 1:
         raise ConfigError(f"parallel layout dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x tp={p.tp} "
-                          f"needs {ranks} ranks; `tessera train` runs a single process (valid here: 1, -1 and 1)")
+                          f"needs {ranks} ranks; `tessera train` runs a single process (valid here: dp_replicate=1, dp_shard=1 or -1, tp=1)")
     if p.engine != "fsdp":
         raise ConfigError(f"parallel.engine={p.engine!r} is not available yet; valid: fsdp")
     if p.activation_checkpoint != "none" or p.mixed_precision != "none":
