@@ -1,5 +1,6 @@
 """Shared fixtures: a small slice of the bundled corpus, its char tokenizer and prepared shards.
 
+DeepSpeed's compiled ops go to .cache/torch_extensions in the project, so they are built once.
 Without CUDA, Triton kernels run on CPU tensors under Triton's interpreter, which must be
 switched on before triton is first imported (importing torch does not import it).
 """
@@ -18,6 +19,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
+# DeepSpeed compiles its CPU shared-memory op (~95 s) on first use; keep it between runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 torch.set_num_threads(2)
 

@@ -7,6 +7,7 @@ OUT.json for tests/test_distributed.py to compare.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from tessera.core.config import ModelConfig, OptimConfig, ParallelConfig
+from tessera.core.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from tessera.core.engine import LocalEngine
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
@@ -40,6 +41,9 @@ LAYOUTS = {  # name: parallel config fields
                       activation_checkpoint="full"),
     "hsdp": dict(dp_replicate=2, dp_shard=2),
     "fsdp_tp": dict(dp_shard=2, tp=2, sequence_parallel=True),
+    "zero1": dict(engine="deepspeed", zero_stage=1),
+    "zero2": dict(engine="deepspeed", zero_stage=2),
+    "zero3": dict(engine="deepspeed", zero_stage=3),
 }
 # eps 1e-6: the key bias has a zero true gradient (softmax ignores it), and with a tiny eps AdamW
 # would turn its rounding noise into full-size updates that make layouts drift apart.
@@ -64,8 +68,13 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
     torch.manual_seed(1234)
     model = Transformer(model_cfg)
     x, y = global_batch()
+    gather = contextlib.nullcontext
     if parallel is None:
         engine = LocalEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
+    elif parallel.engine == "deepspeed":
+        engine, gather = deepspeed_engine(model, parallel, env)
+        per_rank = BATCH // env.world_size
+        x, y = x[env.rank * per_rank:(env.rank + 1) * per_rank], y[env.rank * per_rank:(env.rank + 1) * per_rank]
     else:
         dims = ParallelDims.resolve(parallel, env.world_size)
         parallelize(model, parallel, dims, dims.build_mesh(env.device.type))
@@ -79,7 +88,8 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
         norms.append(engine.clip_grad_norm(GRAD_CLIP).item())
         engine.step()
         engine.zero_grad()
-    params = {n: full(p.detach()) for n, p in model.state_dict().items()}  # keys without AC wrappers
+    with gather():
+        params = {n: full(p.detach()).clone() for n, p in model.state_dict().items()}  # keys without AC wrappers
     state = [s["exp_avg"] for s in engine.optimizer.state.values()]
     return {
         "losses": losses, "norms": norms, "eval": engine.eval_loss(x, y).item(),
@@ -91,6 +101,20 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
     }
 
 
+def deepspeed_engine(model: Transformer, parallel: ParallelConfig, env):
+    """ZeRO on all ranks, and a context that gathers ZeRO-3's partitioned parameters for reading."""
+    import deepspeed
+
+    from tessera.distributed.deepspeed_engine import DeepSpeedEngine, deepspeed_config
+
+    cfg = Config(train=TrainConfig(batch_size=BATCH // env.world_size), optim=dataclasses.replace(OPTIM, grad_clip=GRAD_CLIP),
+                 parallel=parallel)
+    ds, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OPTIM, env.device),
+                                  config=deepspeed_config(cfg, env.world_size))
+    params = list(model.parameters())
+    return DeepSpeedEngine(ds, env.device, "fp32"), lambda: deepspeed.zero.GatheredParameters(params)
+
+
 def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
     env = init_distributed("cpu")
@@ -98,7 +122,9 @@ def main() -> None:
     for style, model_cfg in MODELS.items():
         if env.rank == 0:
             results.setdefault("reference", {})[style] = train(model_cfg, None, dataclasses.replace(env, world_size=1))
-        for name in names:
+    # Layout-major, DeepSpeed last: ZeRO-3 patches torch functions for the rest of the process.
+    for name in names:
+        for style, model_cfg in MODELS.items():
             r = train(model_cfg, ParallelConfig(**LAYOUTS[name]), env)
             gathered = [None] * env.world_size
             dist.all_gather_object(gathered, {k: r[k] for k in ("local_param_numel", "local_state_numel")})

@@ -26,7 +26,8 @@ from tessera.distributed.mesh import ParallelDims
 from tessera.distributed.parallelize import apply_ac
 
 TESTS = Path(__file__).resolve().parent
-LAUNCHES = {2: ["ddp", "fsdp", "tp", "tp_sp", "fsdp_ac", "fsdp_bf16"], 4: ["hsdp", "fsdp_tp"]}
+LAUNCHES = {2: ["ddp", "fsdp", "tp", "tp_sp", "fsdp_ac", "fsdp_bf16", "zero1", "zero2", "zero3"],
+            4: ["hsdp", "fsdp_tp"]}
 LAYOUTS = [(n, name) for n, names in LAUNCHES.items() for name in names if name != "fsdp_bf16"]
 
 
@@ -76,6 +77,14 @@ def test_fsdp_holds_a_shard_of_params_and_optimizer_state(runs, world, layout, s
         for rank in got["per_rank"]:
             assert abs(rank["local_param_numel"] / got["param_numel"] - 1 / shards) < 0.01, style
             assert abs(rank["local_state_numel"] / got["state_numel"] - 1 / shards) < 0.01, style
+
+
+@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3"])
+def test_zero_partitions_optimizer_state(runs, layout):
+    for style, got in runs[2]["layouts"][layout].items():
+        full_state = runs[2]["reference"][style]["state_numel"]
+        for rank in got["per_rank"]:
+            assert abs(rank["local_state_numel"] / full_state - 1 / 2) < 0.05, (style, rank)
 
 
 def test_layout_that_does_not_fit_the_world_is_refused():

@@ -10,15 +10,18 @@ from tessera.core.metrics import read_metrics
 from tessera.core.trainer import TrainingDiverged
 
 
-def make(prepared, run_dir, *overrides):
-    cfg = load_config(None, [
+def make_config(prepared, run_dir, *overrides):
+    return load_config(None, [
         f"--data.path={json.dumps(str(prepared.root))}", f"--train.run_dir={json.dumps(str(run_dir))}",
         "--model.n_layers=2", "--model.d_model=32", "--model.n_heads=4", "--model.max_seq_len=32",
         "--train.seq_len=32", "--train.batch_size=4", "--train.steps=12", "--optim.warmup_steps=3",
         "--log.every=1", "--eval.every=4", "--eval.batches=2", "--checkpoint.every=0",
         "--log.progress=false", "--log.tensorboard=false", *overrides,
     ])
-    return build_trainer(cfg)[1]
+
+
+def make(prepared, run_dir, *overrides):
+    return build_trainer(make_config(prepared, run_dir, *overrides))[1]
 
 
 def losses(run_dir, key="loss"):
@@ -123,12 +126,31 @@ def test_data_from_another_tokenizer_is_refused(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--parallel.tp=2", "needs 2 ranks"),
-    ("--parallel.dp_shard=4", "needs 4 ranks"),
-    ("--parallel.engine=deepspeed", "not available yet"),
+    ("--parallel.tp=2", "does not fit a world size of 1"),
+    ("--parallel.dp_shard=4", "does not fit a world size of 1"),
+    ("--parallel.mixed_precision=bf16", "needs parallel.dp_shard > 1"),
 ])
-def test_layouts_a_single_process_cannot_run_are_refused(prepared, tmp_path, override, message):
+def test_layouts_one_process_cannot_run_are_refused(prepared, tmp_path, override, message):
+    from tessera.core.config import ConfigError
+    from tessera.distributed.placement import placement_for
+
+    cfg = make_config(prepared, tmp_path, override)
+    with pytest.raises(ConfigError, match=message):
+        build_trainer(cfg, placement_for(cfg))
+
+
+def test_the_plain_placement_refuses_any_layout(prepared, tmp_path):
     from tessera.core.config import ConfigError
 
-    with pytest.raises(ConfigError, match=message):
-        make(prepared, tmp_path, override)
+    with pytest.raises(ConfigError, match="takes no parallel layout"):
+        make(prepared, tmp_path, "--parallel.activation_checkpoint=full")
+
+
+def test_activation_checkpointing_in_one_process_matches_plain(prepared, tmp_path):
+    from tessera.distributed.placement import placement_for
+
+    make(prepared, tmp_path / "plain", "--train.steps=4").fit()
+    cfg = make_config(prepared, tmp_path / "ac", "--train.steps=4", "--parallel.activation_checkpoint=full")
+    build_trainer(cfg, placement_for(cfg))[1].fit()
+    for (_, a), (_, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "ac")):
+        assert a == pytest.approx(b, rel=1e-6)

@@ -50,63 +50,87 @@ def load_data(cfg: Config):
     return read_manifest(cfg.data.path, tokenizer.hash)
 
 
-def check_single_process_layout(cfg: Config) -> None:
-    """`tessera train` runs one process for now; a layout that needs more ranks is refused, not ignored."""
-    p = cfg.parallel
-    ranks = p.dp_replicate * max(p.dp_shard, 1) * p.tp
-    if ranks > 1:
-        raise ConfigError(f"parallel layout dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x tp={p.tp} "
-                          f"needs {ranks} ranks; `tessera train` runs a single process (valid here: dp_replicate=1, dp_shard=1 or -1, tp=1)")
-    if p.engine != "fsdp":
-        raise ConfigError(f"parallel.engine={p.engine!r} is not available yet; valid: fsdp")
-    if p.activation_checkpoint != "none" or p.mixed_precision != "none":
-        raise ConfigError("parallel.activation_checkpoint and parallel.mixed_precision are not applied by "
-                          "single-process `tessera train` yet; valid: 'none' (use train.precision='bf16')")
+class Placement:
+    """Where a run executes and how its model is spread: one process here.
+
+    `tessera.distributed` supplies placements for DDP/FSDP/TP and DeepSpeed with the same
+    methods, so this builder (and the trainer) never learn how many ranks there are.
+    """
+
+    rank, dp_rank, dp_size, world_size = 0, 0, 1, 1
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def check(self, cfg: Config) -> None:
+        """Refuse a layout this placement cannot run, rather than ignoring it."""
+        p = cfg.parallel
+        ranks = p.dp_replicate * max(p.dp_shard, 1) * p.tp
+        if ranks > 1 or p.engine != "fsdp" or p.activation_checkpoint != "none" or p.mixed_precision != "none":
+            raise ConfigError("a single-process placement takes no parallel layout; launch "
+                              "tessera.distributed's placement (`tessera train` does)")
+
+    def prepare(self, model: Transformer, cfg: Config) -> Transformer:
+        return model
+
+    def engine(self, model: Transformer, cfg: Config):
+        optimizer = build_optimizer(model, cfg.optim, self.device)
+        return LocalEngine(model, optimizer, self.device, cfg.train.precision, cfg.train.compile)
+
+    def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
+        return Checkpointer(directory, keep_last, attachments)
+
+    def metrics(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
+        return MetricsLogger(run_dir, tensorboard, resume_step)
 
 
 def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
     """The checkpoint that checkpoint.resume names: none, the newest complete one ("auto"), or a path."""
     if resume == "auto":
         return checkpointer.latest()
-    if resume and not (Path(resume) / "trainer_state.pt").exists():
+    if resume and not (Path(resume) / "config.json").exists():
         raise ConfigError(f"checkpoint.resume={resume!r} is not a checkpoint directory; valid: '', 'auto', a path")
     return Path(resume) if resume else None
 
 
-def build_trainer(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[Config, Trainer]:
+def build_trainer(cfg: Config, placement: Placement | None = None) -> tuple[Config, Trainer]:
     """A ready-to-fit Trainer (resumed when checkpoint.resume asks for it) and the final config."""
-    check_single_process_layout(cfg)
+    placement = placement or Placement(resolve_device(cfg.train.device))
+    placement.check(cfg)
     kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
-    device = resolve_device(cfg.train.device)
+    device = placement.device
     if device.type == "cpu" and "triton" in kernels.dispatch.current().values() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("kernels backend 'triton' on CPU runs only under Triton's interpreter: start with "
                           "TRITON_INTERPRET=1 (slow, for testing); valid on CPU otherwise: auto, torch")
     manifest = load_data(cfg)
     cfg = with_vocab(cfg, manifest.vocab_size)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = Transformer(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    engine = LocalEngine(model, optimizer, device, cfg.train.precision, cfg.train.compile)
+    flops_per_token = model.flops_per_token(cfg.train.seq_len)
+    engine = placement.engine(placement.prepare(model, cfg), cfg)
     t = cfg.train
+    rank, ranks = placement.dp_rank, placement.dp_size
     train_loader = StreamingLoader(
-        manifest, "train", t.batch_size, t.seq_len, rank, world_size, cfg.data.num_workers,
+        manifest, "train", t.batch_size, t.seq_len, rank, ranks, cfg.data.num_workers,
         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
     )
     val_loader = None
     if "val" in manifest.splits:
-        val_loader = StreamingLoader(manifest, "val", t.batch_size, t.seq_len, rank, world_size,
+        val_loader = StreamingLoader(manifest, "val", t.batch_size, t.seq_len, rank, ranks,
                                      shuffle=False, on_error=cfg.data.on_error, epochs=1)
     run_dir = Path(t.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                attachments=(manifest.tokenizer_path, manifest.root / "tokenizer_config.json"))
+    if placement.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    checkpointer = placement.checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                          (manifest.tokenizer_path, manifest.root / "tokenizer_config.json"))
     resume_from = resume_path(cfg.checkpoint.resume, checkpointer)
     resume_step = checkpoint_step(resume_from) if resume_from else None
     parts = TrainerParts(
         engine=engine, train_loader=train_loader, val_loader=val_loader, checkpointer=checkpointer,
-        metrics=MetricsLogger(run_dir, cfg.log.tensorboard, resume_step), device=device,
-        flops_per_token=model.flops_per_token(t.seq_len), peak_flops=peak_flops(device, cfg.log.peak_tflops),
+        metrics=placement.metrics(run_dir, cfg.log.tensorboard, resume_step), device=device,
+        flops_per_token=flops_per_token, peak_flops=peak_flops(device, cfg.log.peak_tflops),
+        dp_size=placement.dp_size, devices=placement.world_size, console=placement.rank == 0,
     )
     trainer = Trainer(cfg, parts)
     if resume_from:
@@ -114,4 +138,4 @@ def build_trainer(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[Conf
     return cfg, trainer
 
 
-__all__ = ["DataError", "build_trainer", "resolve_device"]
+__all__ = ["DataError", "Placement", "build_trainer", "resolve_device"]

@@ -6,6 +6,10 @@
                      /trainer_state.pt     optimizer, step, RNG and data-loader state
                      /tokenizer.json       the tokenizer, so a checkpoint stands alone
 
+Sharded checkpoints (`tessera.distributed`) share the directory convention, `config.json` and
+the tokenizer, and hold DCP shards (`.metadata`, `*.distcp`) instead of `model.safetensors`;
+`load_weights` reads either, so generation and evaluation take any checkpoint.
+
 A directory named step_N is complete by construction: files are written into a hidden
 temporary directory, flushed, and the directory is renamed, so a crash mid-write leaves at
 most a stray temporary directory and never a damaged checkpoint in place of a good one.
@@ -16,10 +20,13 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from tessera.core.config import ModelConfig, build_section, to_dict
 from tessera.core.model import Transformer
@@ -46,29 +53,47 @@ def publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def write_run_files(directory: Path, model_cfg: ModelConfig, run_config: str, attachments: tuple[Path, ...]) -> None:
+    """What makes a checkpoint stand alone, whatever holds its weights: model config, run config, tokenizer."""
+    (directory / "config.json").write_text(json.dumps(to_dict(model_cfg), indent=2))
+    if run_config:
+        (directory / "run_config.toml").write_text(run_config)
+    for f in attachments:
+        shutil.copy(f, directory / Path(f).name)
+
+
 class Checkpointer:
+    """Single-process checkpoints of an engine (its `model` and `optimizer`) and the trainer's state.
+
+    `save(step, engine, state)` / `load(path, engine) -> state` is the interface the trainer uses;
+    the sharded and DeepSpeed checkpointers in `tessera.distributed` implement the same one.
+    """
+
     def __init__(self, directory: str | Path, keep_last: int = 2, attachments: tuple[Path, ...] = ()):
         """`attachments` are files copied into every checkpoint (the tokenizer), so each is self-contained."""
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.attachments = attachments
 
-    def save(self, step: int, model: Transformer, trainer_state: dict, run_config: str = "") -> Path:
+    def save(self, step: int, engine, state: dict, run_config: str = "") -> Path:
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".step_{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(to_dict(model.cfg), indent=2))
-        if run_config:
-            (tmp / "run_config.toml").write_text(run_config)
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        for f in self.attachments:
-            shutil.copy(f, tmp / Path(f).name)
+        save_model(engine.model, str(tmp / "model.safetensors"))
+        torch.save({**state, "optimizer": engine.optimizer.state_dict()}, tmp / "trainer_state.pt")
+        write_run_files(tmp, engine.model.cfg, run_config, self.attachments)
         _fsync_tree(tmp)
         publish(tmp, final)
-        self._prune()
+        self.prune()
         return final
+
+    def load(self, path: str | Path, engine) -> dict:
+        """Restore weights and optimizer into `engine`; return the trainer's state."""
+        load_weights(engine.model, path)
+        state = load_trainer_state(path)
+        engine.optimizer.load_state_dict(state.pop("optimizer"))
+        return state
 
     def steps(self) -> list[Path]:
         if not self.directory.exists():
@@ -80,7 +105,7 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         for old in self.steps()[: -self.keep_last]:
             shutil.rmtree(old)
 
@@ -112,10 +137,18 @@ def read_model_config(ckpt: str | Path) -> ModelConfig:
 
 
 def load_weights(model: Transformer, ckpt: str | Path) -> None:
-    path = Path(ckpt) / "model.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint: no model.safetensors")
-    load_model(model, str(path), device=str(next(model.parameters()).device))
+    """Weights from `model.safetensors`, or gathered from DCP shards into this one process."""
+    path = Path(ckpt)
+    if (path / "model.safetensors").exists():
+        load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    elif (path / ".metadata").exists():
+        state = {"model": get_model_state_dict(model)}
+        with warnings.catch_warnings():  # DCP warns whenever it runs without a process group
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)  # reads only the model's keys
+        model.load_state_dict(state["model"])
+    else:
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint: no model.safetensors or DCP shards")
 
 
 def load_model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> Transformer:

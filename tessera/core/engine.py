@@ -53,3 +53,10 @@ class LocalEngine:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True if `flag` is set on any rank: decisions such as stopping must be taken together."""
+        return flag
+
+    def max_over_ranks(self, value: float) -> float:
+        return value

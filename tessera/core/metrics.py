@@ -85,6 +85,16 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullMetrics:
+    """The logger of ranks other than the first: one writer per run."""
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _plain(v):
     if isinstance(v, torch.Tensor):
         v = v.item()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tessera.core.checkpoint import Checkpointer, load_trainer_state, load_weights
+from tessera.core.checkpoint import Checkpointer
 from tessera.core.config import Config, to_toml
 from tessera.core.data import StreamingLoader
 from tessera.core.evaluate import mean_loss
@@ -29,11 +30,14 @@ class TrainerParts:
     engine: object  # LocalEngine or a distributed engine with the same methods
     train_loader: StreamingLoader
     val_loader: StreamingLoader | None
-    checkpointer: Checkpointer
-    metrics: MetricsLogger
+    checkpointer: Checkpointer  # or a sharded/DeepSpeed one with the same save/load/latest
+    metrics: MetricsLogger  # a NullMetrics on every rank but the first
     device: torch.device
     flops_per_token: float = 0.0
-    peak_flops: float | None = None
+    peak_flops: float | None = None  # of one device
+    dp_size: int = 1  # data-parallel ranks, each reading its own batches
+    devices: int = 1  # all ranks, for MFU
+    console: bool = True  # progress bar and messages (the first rank only)
 
 
 def rng_state() -> dict:
@@ -57,29 +61,43 @@ class Trainer:
         self.step = 0
         self.bad_in_row = 0
         self.skipped_steps = 0
+        self.stop_requested = False
+        self.stopped_early = False
         t = cfg.train
-        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * parts.dp_size
 
     def state_dict(self) -> dict:
+        """This rank's trainer state; the checkpointer adds model and optimizer."""
         return {
             "step": self.step,
-            "optimizer": self.engine.optimizer.state_dict(),
             "loader": self.parts.train_loader.state_dict(),
             "rng": rng_state(),
             "skipped_steps": self.skipped_steps,
         }
 
     def resume(self, ckpt: str | Path) -> None:
-        load_weights(self.engine.model, ckpt)
-        state = load_trainer_state(ckpt)
-        self.engine.optimizer.load_state_dict(state["optimizer"])
-        self.parts.train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        """Continue from `ckpt`. Saved under another data-parallel layout, the data order cannot be
+        replayed: the stream restarts at the next epoch, with a warning."""
+        state = self.parts.checkpointer.load(ckpt, self.engine)
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
+        loader = self.parts.train_loader
+        if loader.resumable_from(state["loader"]):
+            loader.load_state_dict(state["loader"])
+        else:
+            loader.epoch = state["loader"]["epoch"] + 1
+            warnings.warn(f"{ckpt} was saved under another data-parallel layout: model and optimizer are "
+                          f"restored, the data stream restarts at epoch {loader.epoch}", stacklevel=2)
+        if "rng" in state:
+            set_rng_state(state["rng"])
 
     def save(self) -> Path:
-        return self.parts.checkpointer.save(self.step, self.engine.model, self.state_dict(), to_toml(self.cfg))
+        return self.parts.checkpointer.save(self.step, self.engine, self.state_dict(), to_toml(self.cfg))
+
+    def request_stop(self) -> None:
+        """Ask `fit` to checkpoint after the current step and return (preemption, SIGTERM).
+        Safe to call from a signal handler."""
+        self.stop_requested = True
 
     def evaluate(self) -> dict:
         if self.parts.val_loader is None:
@@ -119,7 +137,7 @@ class Trainer:
         end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
         batches = iter(parts.train_loader)
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
-                   disable=not cfg.log.progress, mininterval=1.0, dynamic_ncols=True)
+                   disable=not (cfg.log.progress and parts.console), mininterval=1.0, dynamic_ncols=True)
         train_time, window_steps = 0.0, 0
         last: dict = {}
         while self.step < end:
@@ -128,27 +146,34 @@ class Trainer:
             train_time += time.perf_counter() - started
             window_steps += 1
             bar.update(1)
-            done = self.step == end
+            stopping = self.engine.any_rank(self.stop_requested)
+            done = self.step == end or stopping
             if self.step % cfg.log.every == 0 or done:
                 tokens_per_s = window_steps * self.tokens_per_step / train_time
                 last = {
                     "loss": loss, "lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": norm,
-                    "tokens_per_s": tokens_per_s, "mem_gb": memory_gb(parts.device),
+                    "tokens_per_s": tokens_per_s, "mem_gb": self.engine.max_over_ranks(memory_gb(parts.device)),
                     "skipped_steps": self.skipped_steps, "data_skipped": parts.train_loader.skipped,
                 }
                 if parts.peak_flops:
-                    last["mfu"] = parts.flops_per_token * tokens_per_s / parts.peak_flops
+                    last["mfu"] = parts.flops_per_token * tokens_per_s / (parts.peak_flops * parts.devices)
                 parts.metrics.log(self.step, last)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.2e}")
                 train_time, window_steps = 0.0, 0
-            if (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.train.steps:
+            if not stopping and ((cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.train.steps):
                 val = self.evaluate()
                 if val:
                     parts.metrics.log(self.step, val)
                     last.update(val)
-                    bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}")
+                    if parts.console:
+                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}")
             periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             if (periodic or done) and self.bad_in_row == 0:  # never checkpoint in the middle of a bad streak
                 self.save()
+            if stopping:
+                self.stopped_early = True
+                if parts.console:
+                    bar.write(f"stop requested: checkpointed step {self.step} and stopping")
+                break
         bar.close()
         return last

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from tessera.core.checkpoint import publish
+from tessera.core.checkpoint import Checkpointer, publish, write_run_files
 from tessera.core.config import ModelConfig, to_dict
 from tessera.core.model import Transformer
 
@@ -69,9 +69,9 @@ def _single_process_is_intended():
 
 
 def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 extra: dict) -> Path:
-    """Collective: every rank writes its shards and `extra` into the temporary directory, then rank 0
-    renames it once all ranks are done."""
+                 extra: dict, run_files=None) -> Path:
+    """Collective: every rank writes its shards and `extra` into the temporary directory, rank 0
+    adds `run_files(tmp)` (config, tokenizer), then renames it once all ranks are done."""
     directory = Path(directory)
     final = directory / f"step_{step:06d}"
     tmp = directory / f".step_{step:06d}.tmp"
@@ -79,6 +79,8 @@ def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: 
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        if run_files is not None:
+            run_files(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     with _single_process_is_intended():
@@ -108,6 +110,42 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     if saved_world != _world_size():
         return None
     return torch.load(path / f"rank{_rank()}.pt", weights_only=True)
+
+
+class ShardedCheckpointer(Checkpointer):
+    """The trainer's checkpointer for DDP/FSDP/TP runs: DCP shards plus each rank's trainer state.
+
+    One process writes the plain single-process format and reads both, so a run sharded over
+    many ranks can be continued on one. A checkpoint saved at another world size restores model
+    and optimizer and returns the first rank's state without its RNG; the trainer sees from the
+    loader state that the data order cannot be replayed.
+    """
+
+    def save(self, step: int, engine, state: dict, run_config: str = "") -> Path:
+        if not _distributed() or _world_size() == 1:
+            return super().save(step, engine, state, run_config)
+
+        def run_files(tmp: Path) -> None:
+            write_run_files(tmp, engine.model.cfg, run_config, self.attachments)
+
+        final = save_sharded(self.directory, step, engine.model, engine.optimizer, state, run_files)
+        if _rank() == 0:
+            self.prune()
+        _barrier()
+        return final
+
+    def load(self, path: str | Path, engine) -> dict:
+        path = Path(path)
+        if not (path / ".metadata").exists():
+            if _world_size() == 1:
+                return super().load(path, engine)
+            raise ValueError(f"{path} is a single-process checkpoint; continue it with one process, or start "
+                             "a sharded run from its weights (model.init_from)")
+        state = load_sharded(path, engine.model, engine.optimizer)
+        if state is not None:
+            return state
+        first = torch.load(path / "rank0.pt", weights_only=True)
+        return {k: v for k, v in first.items() if k != "rng"}  # the loader state tells it cannot be replayed
 
 
 def export_consolidated(path: str | Path, model_cfg: ModelConfig, out_dir: str | Path) -> Path:

@@ -25,6 +25,16 @@ def _world_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+def _world_max(value: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def total_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     """L2 norm of all gradients; DTensor gradients are grouped by mesh and layout, each group's
     norm reduced over its mesh, so sharded and replicated parameters each count once."""
@@ -78,6 +88,12 @@ class DistributedEngine(LocalEngine):
             if isinstance(module, FSDPModule):
                 module.reshard()
         return _world_mean(loss)
+
+    def any_rank(self, flag: bool) -> bool:
+        return _world_max(float(flag)) > 0
+
+    def max_over_ranks(self, value: float) -> float:
+        return _world_max(value)
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:

@@ -149,6 +149,10 @@ class StreamingLoader:
         return {"epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
                 "num_workers": self.num_workers, "seed": self.seed}
 
+    def resumable_from(self, state: dict) -> bool:
+        """Whether `state` came from a loader with this one's layout, so its order can be replayed."""
+        return all(state[k] == getattr(self, k) for k in ("world_size", "num_workers", "seed"))
+
     def load_state_dict(self, state: dict) -> None:
         layout = {k: state[k] for k in ("world_size", "num_workers", "seed")}
         mine = {k: getattr(self, k) for k in layout}

@@ -1,0 +1,211 @@
+"""DeepSpeed ZeRO 1/2/3 as an alternative engine (`parallel.engine = "deepspeed"`), same trainer.
+
+DeepSpeed owns more of the step than FSDP does: it scales the loss by its accumulation count,
+and its `step()` computes the gradient norm, clips, skips the update when the norm is not finite
+and zeroes the gradients, all in one call. The trainer's order (micro-batch backwards, then
+`clip_grad_norm`, then `step` if the norm is finite) maps onto that as follows: micro-batches
+before the last call DeepSpeed's `step()` only to advance its accumulation counter;
+`clip_grad_norm` runs the real step and returns the norm DeepSpeed measured (inf when it
+skipped); `step` is then a no-op. Precision follows `train.precision` through autocast, with
+fp32 weights and optimizer state in ZeRO's partitions, like the FSDP path without mixed precision.
+
+DeepSpeed is an optional extra (`pip install tessera[deepspeed]`); importing this module without
+it raises an error that says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file, save_model
+
+from tessera.core.build import Placement
+from tessera.core.checkpoint import Checkpointer, publish, write_run_files
+from tessera.core.config import Config, ConfigError
+from tessera.core.engine import LocalEngine
+from tessera.core.metrics import MetricsLogger, NullMetrics
+from tessera.core.model import Transformer
+from tessera.core.optim import build_optimizer
+from tessera.distributed.engine import _world_max, _world_mean
+from tessera.distributed.env import DistributedEnv, init_distributed
+from tessera.distributed.mesh import ParallelDims
+
+try:
+    import deepspeed
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ConfigError("parallel.engine='deepspeed' needs DeepSpeed: pip install 'tessera[deepspeed]' "
+                      "(on a CPU-only machine: DS_BUILD_OPS=0 pip install ...)") from e
+
+TAG = "deepspeed"  # the subdirectory DeepSpeed's own files go to inside a step directory
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,  # the project's own AdamW and its param groups
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine(LocalEngine):
+    """The engine interface over a `deepspeed.DeepSpeedEngine`; `model` is the plain module."""
+
+    def __init__(self, ds_engine, device: torch.device, precision: str):
+        self.ds = ds_engine
+        super().__init__(ds_engine.module, ds_engine.optimizer, device, precision)
+        self._forward = ds_engine
+        self._stepped_norm: float | None = None
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Global mean loss; DeepSpeed applies the 1/grad_accum scale itself (set from train.grad_accum)."""
+        self.ds.train()
+        with self.autocast():
+            loss = self.ds(inputs, targets)
+        self.ds.backward(loss)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # advances the micro-step counter only
+        return _world_mean(loss.detach())
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.ds.eval()
+        with self.autocast():
+            return _world_mean(self.ds(inputs, targets).float())
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Runs DeepSpeed's step (norm, clip at the configured value, skip if not finite) and returns
+        the norm it measured before clipping."""
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return torch.tensor(float("inf") if norm is None else float(norm))
+
+    def step(self) -> None:
+        """Done in `clip_grad_norm`: DeepSpeed's step is one call."""
+
+    def zero_grad(self) -> None:
+        """DeepSpeed zeroes gradients inside its step."""
+
+    def any_rank(self, flag: bool) -> bool:
+        return _world_max(float(flag)) > 0
+
+    def max_over_ranks(self, value: float) -> float:
+        return _world_max(value)
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """DeepSpeed's own checkpoint (ZeRO partitions and optimizer) plus, from the first rank, the
+    consolidated `model.safetensors` and run files, so generation and export read it like any other."""
+
+    def save(self, step: int, engine: DeepSpeedEngine, state: dict, run_config: str = "") -> Path:
+        final = self.directory / f"step_{step:06d}"
+        tmp = self.directory / f".step_{step:06d}.tmp"
+        rank = dist.get_rank()
+        if rank == 0:
+            tmp.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        engine.ds.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
+        torch.save(state, tmp / f"rank{rank}.pt")
+        params = list(engine.model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.ds.zero_optimization_stage() == 3):
+            if rank == 0:
+                save_file(_full_weights(engine.model), str(tmp / "model.safetensors"))
+        if rank == 0:
+            write_run_files(tmp, engine.model.cfg, run_config, self.attachments)
+        dist.barrier()
+        if rank == 0:
+            publish(tmp, final)
+            self.prune()
+        dist.barrier()
+        return final
+
+    def load(self, path: str | Path, engine: DeepSpeedEngine) -> dict:
+        path = Path(path)
+        if not (path / TAG).is_dir():
+            raise ConfigError(f"{path} is not a DeepSpeed checkpoint; with parallel.engine='deepspeed' resume "
+                              "from one, or convert: model.init_from")
+        saved_world = len(list(path.glob("rank*.pt")))
+        if saved_world != dist.get_world_size():
+            raise ConfigError(f"{path} was saved by {saved_world} DeepSpeed ranks and this run has "
+                              f"{dist.get_world_size()}; resume at the same world size")
+        engine.ds.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+        return torch.load(path / f"rank{dist.get_rank()}.pt", weights_only=True)
+
+
+def _full_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """The weights as standalone tensors: ZeRO keeps them as views into flat buffers, which safetensors
+    refuses, and tied embeddings are stored once, as `save_model` would."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeepSpeedPlacement(Placement):
+    """ZeRO over all ranks. DeepSpeed needs a process group even for one process, so a single
+    process gets a one-rank group on a free local port."""
+
+    def __init__(self, env: DistributedEnv, dims: ParallelDims):
+        if dims.tp > 1 or dims.dp_replicate > 1:
+            raise ConfigError(f"parallel.engine='deepspeed' shards over all ranks with ZeRO: set parallel.tp=1 and "
+                              f"parallel.dp_replicate=1 (got tp={dims.tp}, dp_replicate={dims.dp_replicate}); "
+                              "for TP or HSDP use parallel.engine='fsdp'")
+        if env.world_size == 1 and not dist.is_initialized():
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+            env = init_distributed(env.device.type)
+        super().__init__(env.device)
+        self.rank, self.world_size = env.rank, env.world_size
+        self.dp_rank, self.dp_size = env.rank, env.world_size
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    def check(self, cfg: Config) -> None:
+        p = cfg.parallel
+        if p.activation_checkpoint != "none" or p.mixed_precision != "none":
+            raise ConfigError("parallel.activation_checkpoint and parallel.mixed_precision belong to the fsdp "
+                              "engine; with deepspeed set them to 'none' (use train.precision='bf16')")
+        if cfg.train.compile:
+            raise ConfigError("train.compile is not supported with parallel.engine='deepspeed'; valid: false")
+
+    def engine(self, model: Transformer, cfg: Config):
+        optimizer = build_optimizer(model, cfg.optim, self.device)
+        ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                             config=deepspeed_config(cfg, self.dp_size))
+        return DeepSpeedEngine(ds_engine, self.device, cfg.train.precision)
+
+    def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
+        return DeepSpeedCheckpointer(directory, keep_last, attachments)
+
+    def metrics(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
+        return MetricsLogger(run_dir, tensorboard, resume_step) if self.rank == 0 else NullMetrics()
+
+
+def export_deepspeed(path: str | Path, model_cfg, out_dir: str | Path) -> Path:
+    """Full fp32 weights from the ZeRO partitions of a checkpoint, offline, as `model.safetensors`."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+    model = Transformer(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight" or not model_cfg.tie_embeddings]:
+        raise ValueError(f"{path}: DeepSpeed state does not match the model (missing {missing}, unexpected {unexpected})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out_dir / "model.safetensors"))
+    write_run_files(out_dir, model_cfg, "", ())
+    return out_dir

@@ -1,0 +1,75 @@
+"""Placements of a training run over the ranks of a job: what `tessera train` builds with.
+
+A placement answers the questions the builder asks (which device, which data-parallel rank reads
+which batches, how the model is spread, which engine and checkpointer to use, who writes metrics)
+so that `core.build` and the trainer stay the same from one CPU process to hundreds of GPUs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tessera.core.build import Placement, resolve_device
+from tessera.core.checkpoint import Checkpointer
+from tessera.core.config import Config, ConfigError
+from tessera.core.metrics import MetricsLogger, NullMetrics
+from tessera.core.model import Transformer
+from tessera.core.optim import build_optimizer
+from tessera.distributed.checkpoint import ShardedCheckpointer
+from tessera.distributed.engine import DistributedEngine
+from tessera.distributed.env import DistributedEnv, init_distributed
+from tessera.distributed.mesh import ParallelDims
+from tessera.distributed.parallelize import parallelize
+
+
+class ParallelPlacement(Placement):
+    """DDP, FSDP2/HSDP, TP/SP and activation checkpointing on the ranks of `env` (or one process)."""
+
+    def __init__(self, env: DistributedEnv, dims: ParallelDims):
+        super().__init__(env.device)
+        self.env, self.dims = env, dims
+        self.rank, self.world_size = env.rank, env.world_size
+        self.dp_rank, self.dp_size = dims.dp_rank(env.rank), dims.dp_size
+        self.mesh = dims.build_mesh(env.device.type)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    def check(self, cfg: Config) -> None:
+        if cfg.parallel.mixed_precision != "none" and not self.dims.fsdp:
+            raise ConfigError("parallel.mixed_precision='bf16' is FSDP2's policy and needs parallel.dp_shard > 1; "
+                              "for one process or DDP use train.precision='bf16'")
+        if cfg.parallel.mixed_precision != "none" and cfg.train.precision != "fp32":
+            raise ConfigError("parallel.mixed_precision and train.precision='bf16' both cast to bf16; "
+                              "valid: one of them")
+
+    def prepare(self, model: Transformer, cfg: Config) -> Transformer:
+        return parallelize(model, cfg.parallel, self.dims, self.mesh)
+
+    def engine(self, model: Transformer, cfg: Config):
+        optim = cfg.optim
+        if optim.impl == "auto" and self.sharded:  # fused AdamW takes no DTensors on CPU
+            optim = dataclasses.replace(optim, impl="foreach" if self.device.type == "cpu" else "fused")
+        optimizer = build_optimizer(model, optim, self.device)
+        return DistributedEngine(model, optimizer, self.device, cfg.train.precision, cfg.train.compile)
+
+    def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
+        return ShardedCheckpointer(directory, keep_last, attachments)
+
+    def metrics(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
+        if self.rank == 0:
+            return MetricsLogger(run_dir, tensorboard, resume_step)
+        return NullMetrics()
+
+
+def placement_for(cfg: Config) -> Placement:
+    """The placement `cfg.parallel` asks for on the ranks this process was launched with."""
+    device = resolve_device(cfg.train.device)
+    env = init_distributed(device.type)
+    dims = ParallelDims.resolve(cfg.parallel, env.world_size)
+    if cfg.parallel.engine == "deepspeed":
+        from tessera.distributed.deepspeed_engine import DeepSpeedPlacement
+
+        return DeepSpeedPlacement(env, dims)
+    return ParallelPlacement(env, dims)
