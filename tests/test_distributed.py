@@ -26,7 +26,7 @@ from tessera.distributed.mesh import ParallelDims
 from tessera.distributed.parallelize import apply_ac
 
 TESTS = Path(__file__).resolve().parent
-LAUNCHES = {2: ["ddp", "fsdp", "tp", "tp_sp", "fsdp_ac", "fsdp_bf16", "zero1", "zero2", "zero3"],
+LAUNCHES = {2: ["ddp", "fsdp", "tp", "tp_sp", "tp_sp_lp", "fsdp_ac", "fsdp_bf16", "zero1", "zero2", "zero3"],
             4: ["hsdp", "fsdp_tp"]}
 LAYOUTS = [(n, name) for n, names in LAUNCHES.items() for name in names if name != "fsdp_bf16"]
 

@@ -5,13 +5,12 @@ then activation checkpointing (hooks on the blocks), then FSDP2 per block and th
 FSDP shards the TP shards (2-D) and gathers one block at a time. DDP is the composable
 `replicate`, so the model keeps its type and, like every step here, its state-dict keys.
 
-The embedding, final norm and LM head stay replicated across TP ranks: the loss goes through
-`kernels.linear_cross_entropy(h, lm_head.weight, ...)`, which is not DTensor-aware, so a
-vocab-parallel head (`parallel.loss_parallel`) is not applied yet; tied embeddings keep working.
+With `parallel.loss_parallel` the embedding and the LM head are sharded by vocabulary rows (the
+same tensor when tied) and `kernels.linear_cross_entropy` computes the loss from the local logit
+slices (`loss_parallel.py`); without it they stay replicated across TP ranks.
 """
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import torch
@@ -31,6 +30,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from tessera.core.config import ConfigError, ParallelConfig
+from tessera.distributed import loss_parallel  # noqa: F401  (registers the vocab-parallel loss)
 from tessera.distributed.mesh import ParallelDims
 
 # Block.forward(x, rope, doc_ids, key_padding_mask, cache, layer): only x is laid out by TP.
@@ -48,6 +48,18 @@ _SAVE_OPS = {
 
 def _layouts(first, n: int) -> tuple:
     return (first,) + (None,) * (n - 1)
+
+
+def apply_vocab_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Embedding and LM head sharded by vocabulary rows; the lookup's partial rows are summed
+    over the TP group, the head's logits are gathered only when asked for (generation)."""
+    tied = model.lm_head.weight is model.tok_emb.weight
+    parallelize_module(model, tp_mesh, {
+        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    if tied:  # each module got its own distributed copy; keep them one tensor
+        model.lm_head.weight = model.tok_emb.weight
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -143,10 +155,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh:
         if dims.ddp:
             raise ConfigError(f"parallel.dp_replicate={dims.dp_replicate} with parallel.tp={dims.tp} needs "
                               "parallel.dp_shard > 1 (HSDP); DDP does not take DTensor parameters")
-        if cfg.loss_parallel:
-            warnings.warn("parallel.loss_parallel is not supported yet: the LM head and loss stay "
-                          "replicated across TP ranks", stacklevel=2)
         apply_tp(model, mesh["tp"], cfg.sequence_parallel)
+        if cfg.loss_parallel:
+            apply_vocab_parallel(model, mesh["tp"])
     apply_ac(model, cfg.activation_checkpoint, cfg.checkpoint_every)
     if dims.fsdp:
         dp_dims = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)

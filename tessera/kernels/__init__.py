@@ -7,6 +7,7 @@ this package registers every implementation whose dependencies are installed.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from tessera.kernels import (  # noqa: F401
     attention_flash_attn, attention_torch, cross_entropy_torch, dispatch, norms_torch, rope_torch, swiglu_torch,
@@ -60,7 +61,10 @@ def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: fl
 
 
 def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of the LM head's logits without materialising all of them."""
+    """Mean cross-entropy of the LM head's logits without materialising all of them. A weight
+    sharded over ranks (a DTensor: loss parallelism) goes to the implementation registered for it."""
+    if isinstance(weight, DTensor):
+        return dispatch.implementation("linear_cross_entropy", "vocab_parallel")(hidden, weight, targets, ignore_index)
     return dispatch.resolve("linear_cross_entropy", hidden.device)(hidden, weight, targets, ignore_index)
 
 
