@@ -12,8 +12,8 @@ the table shows the largest over ranks. World size 1 runs without torchrun or a 
     python benchmarks/scaling.py --smoke --out DIR     # tiny model, 2 steps, worlds 1 and 2 (the test)
     python benchmarks/scaling.py --model llama-1b --mfu   # one GPU, bf16 autocast, MFU
 
-Layouts: single (1 process), ddp, fsdp (FSDP2), tp, tp_sp (TP + sequence parallel),
-fsdp_tp (2-D, world 4) and hsdp (2 x 2, world 4). Micro-batch `--batch` per data-parallel rank,
+Layouts: single (1 process), ddp, fsdp (FSDP2), tp, tp_sp (TP + sequence parallel; both with
+the vocab-parallel loss), fsdp_tp (2-D, world 4), hsdp (2 x 2, world 4) and DeepSpeed zero1/2/3. Micro-batch `--batch` per data-parallel rank,
 so data-parallel layouts do weak scaling and TP layouts split one micro-batch's work.
 """
 from __future__ import annotations
@@ -49,6 +49,10 @@ LAYOUTS = {  # name: (world sizes, ParallelConfig fields as a function of the wo
     "tp_sp": ((2, 4), lambda w: dict(dp_shard=1, tp=w, sequence_parallel=True)),
     "fsdp_tp": ((4,), lambda w: dict(dp_shard=2, tp=2, sequence_parallel=True)),
     "hsdp": ((4,), lambda w: dict(dp_replicate=2, dp_shard=2)),
+    # DeepSpeed last: ZeRO-3 patches torch functions for the rest of the process.
+    "zero1": ((2, 4), lambda w: dict(engine="deepspeed", zero_stage=1)),
+    "zero2": ((2, 4), lambda w: dict(engine="deepspeed", zero_stage=2)),
+    "zero3": ((2, 4), lambda w: dict(engine="deepspeed", zero_stage=3)),
 }
 SIZES = {  # model name: ModelConfig fields (Llama-style), plus defaults for seq/batch
     "small": dict(vocab_size=2048, n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768),
@@ -96,6 +100,18 @@ def _sync(device: torch.device) -> None:
         dist.barrier()
 
 
+def deepspeed_engine(model: Transformer, parallel: ParallelConfig, args, env, precision: str):
+    import deepspeed
+
+    from tessera.core.config import Config, TrainConfig
+    from tessera.distributed.deepspeed_engine import DeepSpeedEngine, deepspeed_config
+
+    cfg = Config(train=TrainConfig(batch_size=args.batch), optim=OPTIM, parallel=parallel)
+    ds, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OPTIM, env.device),
+                                  config=deepspeed_config(cfg, env.world_size))
+    return DeepSpeedEngine(ds, env.device, precision)
+
+
 def run_layout(name: str, cfg: ModelConfig, args, env) -> dict:
     """Train one layout on this rank; returns this rank's times and memory (or a skip reason)."""
     from tessera.distributed.engine import DistributedEngine
@@ -112,6 +128,9 @@ def run_layout(name: str, cfg: ModelConfig, args, env) -> dict:
     if fields is None:
         dp_rank, dp_size = 0, 1
         engine = LocalEngine(model, build_optimizer(model, OPTIM, env.device), env.device, precision)
+    elif fields.get("engine") == "deepspeed":
+        engine = deepspeed_engine(model, ParallelConfig(**fields), args, env, precision)
+        dp_rank, dp_size = env.rank, env.world_size
     else:
         parallel = ParallelConfig(**fields)
         dims = ParallelDims.resolve(parallel, env.world_size)

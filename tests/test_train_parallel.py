@@ -87,6 +87,7 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
 
 LAYOUTS = {
     "fsdp": ["--parallel.dp_shard=2"],
+    "fsdp_async": ["--parallel.dp_shard=2", "--checkpoint.async_save=true"],
     "ddp": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
     "zero1": ["--parallel.engine=deepspeed", "--parallel.zero_stage=1"],
     "zero3": ["--parallel.engine=deepspeed", "--parallel.zero_stage=3"],
@@ -102,7 +103,7 @@ def runs(recipe) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("layout", ["ddp", "zero1", "zero3"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp_async", "zero1", "zero3"])
 def test_same_data_parallel_size_gives_the_same_run(runs, layout):
     ref, got = losses(runs["fsdp"]), losses(runs[layout])
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -142,7 +143,7 @@ def test_zero3_partitions_export_to_the_saved_weights(runs, tmp_path):
         assert torch.equal(exported[name], tensor), name
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "zero3"])
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp_async", "zero3"])
 def test_resume_on_the_same_layout_replays_the_run(runs, recipe, tmp_path, layout):
     middle = runs[layout] / "checkpoints" / "step_000004"
     tessera("train", recipe, run_dir_arg(tmp_path), *LAYOUTS[layout], f"--checkpoint.resume={json.dumps(str(middle))}",
@@ -186,7 +187,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(recipe, tmp_path):
     """SIGTERM (and SLURM's SIGUSR1) mid-run: checkpoint after the current step, exit 3; the
     resumed run ends exactly where an uninterrupted one does."""
     long_run = ["train", recipe, run_dir_arg(tmp_path / "run"), "--train.steps=400", "--eval.every=0",
-                "--checkpoint.every=0"]
+                "--checkpoint.every=0", "--optim.schedule=constant"]  # the same lr whatever train.steps says
     proc = subprocess.Popen([sys.executable, "-m", "tessera", *map(str, long_run)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for_metrics(tmp_path / "run", proc)
@@ -201,7 +202,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(recipe, tmp_path):
     resumed = tessera("train", *long_run[1:], f"--train.steps={stopped + 3}", "--resume", "auto")
     assert f"trained steps {stopped}..{stopped + 3}" in resumed.stdout
     tessera("train", recipe, run_dir_arg(tmp_path / "straight"), f"--train.steps={stopped + 3}", "--eval.every=0",
-            "--checkpoint.every=0")
+            "--checkpoint.every=0", "--optim.schedule=constant")
     assert losses(tmp_path / "run")[stopped + 3] == losses(tmp_path / "straight")[stopped + 3]
 
 

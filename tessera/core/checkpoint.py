@@ -88,6 +88,9 @@ class Checkpointer:
         self.prune()
         return final
 
+    def wait(self) -> None:
+        """Finish any save still in flight (the sharded checkpointer saves asynchronously on request)."""
+
     def load(self, path: str | Path, engine) -> dict:
         """Restore weights and optimizer into `engine`; return the trainer's state."""
         load_weights(engine.model, path)

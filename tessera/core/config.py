@@ -45,6 +45,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    init_from: str = ""  # "hf:DIR" (a Hugging Face checkpoint) or a Tessera checkpoint: architecture and weights
 
     @property
     def kv_heads(self) -> int:
@@ -112,6 +113,7 @@ class CheckpointConfig:
     every: int = 500  # 0: only at the end
     keep_last: int = 2
     resume: str = ""  # "", "auto" (newest complete checkpoint in run_dir) or a checkpoint path
+    async_save: bool = False  # sharded runs: write shards in the background while training goes on
 
 
 @dataclass(frozen=True)

@@ -175,5 +175,6 @@ class Trainer:
                 if parts.console:
                     bar.write(f"stop requested: checkpointed step {self.step} and stopping")
                 break
+        parts.checkpointer.wait()
         bar.close()
         return last

@@ -68,12 +68,10 @@ def _single_process_is_intended():
         yield
 
 
-def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 extra: dict, run_files=None) -> Path:
-    """Collective: every rank writes its shards and `extra` into the temporary directory, rank 0
-    adds `run_files(tmp)` (config, tokenizer), then renames it once all ranks are done."""
-    directory = Path(directory)
-    final = directory / f"step_{step:06d}"
+def _start_sharded_save(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        extra: dict, run_files=None, async_group=None):
+    """Collective: the temporary directory with every rank's `extra` and rank 0's `run_files(tmp)`;
+    the DCP shards written now, or in the background on `async_group` (the returned future)."""
     tmp = directory / f".step_{step:06d}.tmp"
     rank = _rank()
     if rank == 0:
@@ -83,16 +81,35 @@ def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: 
             run_files(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    future = None
     with _single_process_is_intended():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _distributed())
+        state = {"model": model_sd, "optim": optim_sd}
+        if async_group is not None:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
     with open(tmp / f"rank{rank}.pt", "wb") as f:
         torch.save(extra, f)
         f.flush()
         os.fsync(f.fileno())
+    return tmp, future
+
+
+def _publish_when_all_done(tmp: Path, final: Path) -> None:
     _barrier()
-    if rank == 0:
+    if _rank() == 0:
         publish(tmp, final)
     _barrier()
+
+
+def save_sharded(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 extra: dict, run_files=None) -> Path:
+    """Collective: every rank writes its shards and `extra` into the temporary directory, rank 0
+    adds `run_files(tmp)` (config, tokenizer), then renames it once all ranks are done."""
+    directory = Path(directory)
+    final = directory / f"step_{step:06d}"
+    tmp, _ = _start_sharded_save(directory, step, model, optimizer, extra, run_files)
+    _publish_when_all_done(tmp, final)
     return final
 
 
@@ -121,18 +138,43 @@ class ShardedCheckpointer(Checkpointer):
     loader state that the data order cannot be replayed.
     """
 
+    def __init__(self, directory: str | Path, keep_last: int = 2, attachments: tuple[Path, ...] = (),
+                 async_save: bool = False):
+        """`async_save`: shards are staged in memory and written by a background thread on a process
+        group of their own; the step directory is renamed into place when the next save (or `wait`)
+        finds them written, so training continues meanwhile and a crash still leaves only complete ones."""
+        super().__init__(directory, keep_last, attachments)
+        self._async_group = dist.new_group(backend="gloo") if async_save and _world_size() > 1 else None
+        self._pending: tuple | None = None
+
     def save(self, step: int, engine, state: dict, run_config: str = "") -> Path:
         if not _distributed() or _world_size() == 1:
             return super().save(step, engine, state, run_config)
+        self.wait()
 
         def run_files(tmp: Path) -> None:
             write_run_files(tmp, engine.model.cfg, run_config, self.attachments)
 
-        final = save_sharded(self.directory, step, engine.model, engine.optimizer, state, run_files)
+        final = self.directory / f"step_{step:06d}"
+        tmp, future = _start_sharded_save(self.directory, step, engine.model, engine.optimizer, state, run_files,
+                                          self._async_group)
+        self._pending = (future, tmp, final)
+        if future is None:
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Collective: finish the save in flight, if any, and rename it into place."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        _publish_when_all_done(tmp, final)
         if _rank() == 0:
             self.prune()
         _barrier()
-        return final
 
     def load(self, path: str | Path, engine) -> dict:
         path = Path(path)

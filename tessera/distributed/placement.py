@@ -25,9 +25,9 @@ from tessera.distributed.parallelize import parallelize
 class ParallelPlacement(Placement):
     """DDP, FSDP2/HSDP, TP/SP and activation checkpointing on the ranks of `env` (or one process)."""
 
-    def __init__(self, env: DistributedEnv, dims: ParallelDims):
+    def __init__(self, env: DistributedEnv, dims: ParallelDims, async_save: bool = False):
         super().__init__(env.device)
-        self.env, self.dims = env, dims
+        self.env, self.dims, self.async_save = env, dims, async_save
         self.rank, self.world_size = env.rank, env.world_size
         self.dp_rank, self.dp_size = dims.dp_rank(env.rank), dims.dp_size
         self.mesh = dims.build_mesh(env.device.type)
@@ -55,7 +55,7 @@ class ParallelPlacement(Placement):
         return DistributedEngine(model, optimizer, self.device, cfg.train.precision, cfg.train.compile)
 
     def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
-        return ShardedCheckpointer(directory, keep_last, attachments)
+        return ShardedCheckpointer(directory, keep_last, attachments, self.async_save)
 
     def metrics(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
         if self.rank == 0:
@@ -72,4 +72,4 @@ def placement_for(cfg: Config) -> Placement:
         from tessera.distributed.deepspeed_engine import DeepSpeedPlacement
 
         return DeepSpeedPlacement(env, dims)
-    return ParallelPlacement(env, dims)
+    return ParallelPlacement(env, dims, cfg.checkpoint.async_save)
