@@ -8,6 +8,7 @@ OUT.json for tests/test_distributed.py to compare.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import sys
@@ -78,7 +79,10 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
         x, y = x[env.rank * per_rank:(env.rank + 1) * per_rank], y[env.rank * per_rank:(env.rank + 1) * per_rank]
     else:
         dims = ParallelDims.resolve(parallel, env.world_size)
-        parallelize(model, parallel, dims, dims.build_mesh(env.device.type))
+        mesh = dims.build_mesh(env.device.type)
+        frozen = copy.deepcopy(model).requires_grad_(False)  # a second model on the same mesh (alignment)
+        parallelize(model, parallel, dims, mesh)
+        parallelize(frozen, parallel, dims, mesh)
         engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
         per_rank = BATCH // dims.dp_size
         rank = dims.dp_rank(env.rank)
@@ -92,8 +96,11 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
     with gather():
         params = {n: full(p.detach()).clone() for n, p in model.state_dict().items()}  # keys without AC wrappers
     state = [s["exp_avg"] for s in engine.optimizer.state.values()]
+    frozen_loss = None
+    if parallel is not None and parallel.engine != "deepspeed":
+        frozen_loss = DistributedEngine(frozen, torch.optim.SGD([torch.zeros(1)]), env.device).eval_loss(x, y).item()
     return {
-        "losses": losses, "norms": norms, "eval": engine.eval_loss(x, y).item(),
+        "losses": losses, "norms": norms, "eval": engine.eval_loss(x, y).item(), "frozen_eval": frozen_loss,
         "checksums": {n: [p.double().sum().item(), p.double().abs().sum().item()] for n, p in params.items()},
         "param_numel": sum(full(p.detach()).numel() for p in model.parameters()),
         "local_param_numel": sum(local_numel(p) for p in model.parameters()),

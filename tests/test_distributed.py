@@ -57,6 +57,8 @@ def test_layout_matches_single_process(runs, world, layout, style):
     got, ref = run["layouts"][layout][style], run["reference"][style]
     assert max(map(rel, got["losses"], ref["losses"])) < 1e-5, (got["losses"], ref["losses"])
     assert rel(got["eval"], ref["eval"]) < 1e-5
+    if got["frozen_eval"] is not None:  # an untrained second model on the same mesh: the first loss
+        assert rel(got["frozen_eval"], ref["losses"][0]) < 1e-5
     assert rel(got["norms"][0], ref["norms"][0]) < 1e-5  # clipping sees the global norm
     assert max(map(rel, got["norms"], ref["norms"])) < 1e-3
     for name, (total, abs_total) in ref["checksums"].items():

@@ -162,6 +162,6 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh:
     if dims.fsdp:
         dp_dims = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
         apply_fsdp(model, mesh[dp_dims], cfg)
-    elif dims.ddp:
+    elif dims.ddp and any(p.requires_grad for p in model.parameters()):  # a frozen model has nothing to sync
         replicate(model, device_mesh=mesh["dp_replicate"])
     return model
