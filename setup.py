@@ -4,6 +4,9 @@ from setuptools import find_packages, setup
 # torch is pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU-only machines.
 TORCH = "torch==2.13.0"
 TRITON = "triton==3.7.1; platform_system == 'Linux'"
+DEEPSPEED = "deepspeed==0.19.8"
+# tessera.interop: ONNX export (torch's exporter needs onnxscript) and checking, HTTP serving.
+INTEROP = ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20", "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27"]
 
 setup(
     name="tessera",
@@ -29,7 +32,13 @@ setup(
         # The triton that the CUDA build of torch 2.13.0 pins; its interpreter needs numpy.
         "triton": [TRITON],
         "flash-attn": ["flash-attn>=2.6"],
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2", TRITON],
+        # Launchers: submitit for its SLURM backend, nvidia-ml-py for GPU telemetry.
+        "launch": ["submitit>=1.5", "nvidia-ml-py>=12"],
+        # ZeRO engine; on a CPU-only machine install with DS_BUILD_OPS=0 (scripts/env.sh does).
+        "deepspeed": [DEEPSPEED],
+        "interop": INTEROP,
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2", TRITON,
+                 "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", *INTEROP],
     },
     entry_points={"console_scripts": ["tessera=tessera.core.cli:main"]},
 )

@@ -15,7 +15,8 @@ stamp=".venv/.tessera-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  # DS_BUILD_OPS=0: DeepSpeed (an extra) compiles its ops on first use instead of at install.
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -154,3 +154,17 @@ def test_activation_checkpointing_in_one_process_matches_plain(prepared, tmp_pat
     build_trainer(cfg, placement_for(cfg))[1].fit()
     for (_, a), (_, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "ac")):
         assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_telemetry_readings_are_logged_with_the_metrics(prepared, tmp_path):
+    class Readings:
+        calls = 0
+
+        def sample(self):
+            self.calls += 1
+            return {"gpu0_util": 50.0 + self.calls, "gpu0_mem_gb": 1.5}
+
+    trainer = make(prepared, tmp_path, "--train.steps=4", "--log.every=2")
+    trainer.parts.telemetry = Readings()
+    trainer.fit()
+    assert losses(tmp_path, "gpu0_util") == [(2, 51.0), (4, 52.0)]

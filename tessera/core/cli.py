@@ -18,6 +18,13 @@ class UsageError(Exception):
     """Bad command-line input, reported as one line with exit code 2."""
 
 
+EXIT_INTERRUPTED = 3  # launchers requeue a job that exits with this code
+
+
+class TrainingInterrupted(Exception):
+    """A run stopped early at request (preemption, SIGTERM) after a checkpoint: exit code 3."""
+
+
 def cmd_tokenizer_train(args) -> None:
     from tessera.core.data.prepare import input_files, read_documents
     from tessera.core.tokenizer import train_bpe, train_char
@@ -44,29 +51,50 @@ def cmd_data_prepare(args) -> None:
 
 
 def cmd_train(args, overrides: list[str]) -> None:
+    """One code path for every layout: the placement (one process, FSDP/TP ranks, DeepSpeed) comes
+    from the environment torchrun or SLURM set, the rest is the same trainer. SIGUSR1 (SLURM's
+    preemption warning) and SIGTERM checkpoint after the current step and stop."""
     from tessera.core.build import build_trainer
     from tessera.core.config import load_config
+    from tessera.distributed.env import destroy
+    from tessera.distributed.placement import placement_for
 
     if args.resume:
         overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
-    cfg, trainer = build_trainer(load_config(args.config, overrides))
-    start = trainer.step
-    final = trainer.fit()
-    trainer.parts.metrics.close()
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in ("loss", "val_loss", "tokens_per_s"))
-    print(f"trained steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
+    cfg = load_config(args.config, overrides)
+    try:
+        placement = placement_for(cfg)
+        cfg, trainer = build_trainer(cfg, placement)
+        if cfg.log.gpu_telemetry and placement.device.type == "cuda" and placement.rank == 0:
+            from tessera.launchers.telemetry import GpuTelemetry
+
+            trainer.parts.telemetry = GpuTelemetry()
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda *_: trainer.request_stop())
+        start = trainer.step
+        final = trainer.fit()
+        trainer.parts.metrics.close()
+    finally:
+        destroy()
+    if placement.rank == 0:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in ("loss", "val_loss", "tokens_per_s"))
+        verb = "stopped at request after" if trainer.stopped_early else "trained"
+        print(f"{verb} steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
+    if trainer.stopped_early:
+        raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
 
 
 def cmd_generate(args) -> None:
     import torch
 
     from tessera.core.build import resolve_device
-    from tessera.core.checkpoint import find_checkpoint, load_model_from_checkpoint
+    from tessera.core.checkpoint import find_checkpoint
     from tessera.core.generate import Sampling, generate
     from tessera.core.tokenizer import load_tokenizer
+    from tessera.interop.quantize import load_for_inference
 
     ckpt = find_checkpoint(args.ckpt)
-    model = load_model_from_checkpoint(ckpt, resolve_device(args.device))
+    model = load_for_inference(ckpt, resolve_device(args.device))
     tok = load_tokenizer(args.tokenizer or ckpt)
     if tok.vocab_size > model.cfg.vocab_size:
         raise UsageError(f"tokenizer vocab {tok.vocab_size} exceeds the model's {model.cfg.vocab_size}")
@@ -130,6 +158,60 @@ def cmd_plot(args) -> None:
     from tessera.core.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def cmd_launch(args, overrides: list[str]) -> None:
+    from tessera.launchers.launch import launch
+
+    status = launch(args.config, overrides, dry_run=args.dry_run)
+    if status:
+        raise SystemExit(status)
+
+
+def cmd_jobs(args) -> None:
+    from tessera.launchers import jobs
+
+    entry = jobs.find(args.job, args.dir)
+    if args.action == "status":
+        print(f"{entry.id} {entry.name} {entry.backend}: {jobs.status(entry)}")
+    elif args.action == "logs":
+        sys.stdout.write(jobs.logs(entry))
+    else:
+        jobs.cancel(entry)
+        print(f"cancelled {entry.id} ({entry.name})")
+
+
+def cmd_convert(args) -> None:
+    from tessera.interop.hf import convert_from_hf, convert_to_hf
+
+    if args.action == "from-hf":
+        print(f"wrote Tessera checkpoint {convert_from_hf(args.src, args.out)}")
+    else:
+        print(f"wrote Hugging Face model {convert_to_hf(args.src, args.out, args.max_shard_size)}")
+
+
+def cmd_export_onnx(args) -> None:
+    from tessera.interop.onnx_export import export_onnx
+
+    print(f"wrote {export_onnx(args.ckpt, args.out, args.opset)}")
+
+
+def cmd_quantize(args) -> None:
+    from tessera.interop.quantize import quantize_int8
+
+    if not args.int8:
+        raise UsageError("choose a quantization: --int8 (the only one so far)")
+    print(f"wrote int8 checkpoint {quantize_int8(args.ckpt, args.out)}")
+
+
+def cmd_serve(args) -> None:
+    import os
+
+    from tessera.interop.serve import ServeLimits, serve
+
+    limits = ServeLimits(max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
+                         max_new_tokens=args.max_tokens)
+    serve(args.ckpt, args.host, args.port, os.environ.get(args.api_key_env) or None, limits, args.device)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -208,6 +290,52 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out")
     pl.set_defaults(func=cmd_plot)
+
+    la = sub.add_parser("launch", help="run a recipe from a launch config: here, with torchrun, or on SLURM")
+    la.add_argument("config", help="launch TOML ([job], [parallel], [recipe]); --job.key=value and recipe overrides follow")
+    la.add_argument("--dry-run", action="store_true", help="print what would be run or submitted")
+    la.set_defaults(func=cmd_launch, takes_overrides=True)
+
+    jo = sub.add_parser("jobs", help="status, logs or cancel of a launched job")
+    jo.add_argument("action", choices=["status", "logs", "cancel"])
+    jo.add_argument("job", help="a job id or a job name (its newest launch)")
+    jo.add_argument("--dir", default="runs/jobs", help="the launch's job.output_dir (default runs/jobs)")
+    jo.set_defaults(func=cmd_jobs)
+
+    cv = sub.add_parser("convert", help="convert checkpoints").add_subparsers(dest="action", required=True)
+    cf = cv.add_parser("from-hf", help="a Hugging Face Llama/GPT-2 directory -> a Tessera checkpoint")
+    cf.add_argument("src", help="directory with config.json and safetensors weights")
+    cf.add_argument("out")
+    cf.set_defaults(func=cmd_convert)
+    ct = cv.add_parser("to-hf", help="a Tessera checkpoint (or run directory) -> a Hugging Face directory")
+    ct.add_argument("src", help="a checkpoint, or a run directory (its newest checkpoint)")
+    ct.add_argument("out")
+    ct.add_argument("--max-shard-size", default="5GB", help="split the weights into shards of at most this size")
+    ct.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser("export", help="export a checkpoint").add_subparsers(dest="action", required=True)
+    eo = ex.add_parser("onnx", help="ONNX graph with dynamic batch and sequence axes, returning logits")
+    eo.add_argument("ckpt")
+    eo.add_argument("out", help="OUT.onnx")
+    eo.add_argument("--opset", type=int, default=18)
+    eo.set_defaults(func=cmd_export_onnx)
+
+    qu = sub.add_parser("quantize", help="quantize a checkpoint's linear layers for CPU inference")
+    qu.add_argument("ckpt")
+    qu.add_argument("out")
+    qu.add_argument("--int8", action="store_true", help="dynamic int8 (weights int8, activations quantized per batch)")
+    qu.set_defaults(func=cmd_quantize)
+
+    sv = sub.add_parser("serve", help="OpenAI-style HTTP completions server")
+    sv.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key-env", default="TESSERA_API_KEY", help="environment variable holding the API key (unset: no key)")
+    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--max-prompt-tokens", type=int, default=0, help="default: the model's context minus one")
+    sv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    sv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
@@ -223,26 +351,35 @@ def main(argv: list[str] | None = None) -> int:
     if stray or (overrides and not getattr(args, "takes_overrides", False)):
         print(f"tessera: error: unrecognized arguments: {' '.join(stray or overrides)}", file=sys.stderr)
         return 2
-    from tessera.core.data import DataError
-    from tessera.core.trainer import TrainingDiverged
-    from tessera.kernels import KernelBackendError
-
     try:
         if getattr(args, "takes_overrides", False):
             args.func(args, overrides)
         else:
             args.func(args)
-    except (ConfigError, DataError, UsageError, KernelBackendError, FileNotFoundError, ValueError) as e:
-        if debug:
+    except Exception as e:
+        if isinstance(e, TrainingInterrupted):
+            print(f"tessera: training interrupted: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        status = _exit_status(e)
+        if debug or status is None:
             raise
-        print(f"tessera: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        if debug:
-            raise
-        print(f"tessera: training stopped: {e}", file=sys.stderr)
-        return 1
+        print(f"tessera: {'training stopped' if status == 1 else 'error'}: {e}", file=sys.stderr)
+        return status
     return 0
+
+
+def _exit_status(error: Exception) -> int | None:
+    """2 for errors a user can fix, 1 for a diverged run, None for a bug (shown with its traceback).
+    The error types are imported here, not at start-up, so quick commands do not load torch."""
+    from tessera.core.data import DataError
+    from tessera.core.trainer import TrainingDiverged
+    from tessera.kernels import KernelBackendError
+
+    if isinstance(error, (ConfigError, DataError, UsageError, KernelBackendError, FileNotFoundError, ValueError)):
+        return 2
+    if isinstance(error, TrainingDiverged):
+        return 1
+    return None
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs only, MFU omitted elsewhere
+    gpu_telemetry: bool = True  # NVML utilisation, memory, power, temperature, clocks (CUDA runs)
 
 
 KernelBackend = Literal["auto", "torch", "triton", "flash_attn"]

@@ -38,6 +38,7 @@ class TrainerParts:
     dp_size: int = 1  # data-parallel ranks, each reading its own batches
     devices: int = 1  # all ranks, for MFU
     console: bool = True  # progress bar and messages (the first rank only)
+    telemetry: object | None = None  # anything with sample() -> dict[str, float], logged with the metrics
 
 
 def rng_state() -> dict:
@@ -157,6 +158,8 @@ class Trainer:
                 }
                 if parts.peak_flops:
                     last["mfu"] = parts.flops_per_token * tokens_per_s / (parts.peak_flops * parts.devices)
+                if parts.telemetry is not None:
+                    last.update(parts.telemetry.sample())
                 parts.metrics.log(self.step, last)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.2e}")
                 train_time, window_steps = 0.0, 0
