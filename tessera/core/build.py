@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,8 +94,10 @@ def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
     return Path(resume) if resume else None
 
 
-def build_trainer(cfg: Config, placement: Placement | None = None) -> tuple[Config, Trainer]:
-    """A ready-to-fit Trainer (resumed when checkpoint.resume asks for it) and the final config."""
+def build_trainer(cfg: Config, placement: Placement | None = None,
+                  init_weights: Callable[[Transformer], None] | None = None) -> tuple[Config, Trainer]:
+    """A ready-to-fit Trainer (resumed when checkpoint.resume asks for it) and the final config.
+    `init_weights` fills the new model before it is spread (fine-tuning from `model.init_from`)."""
     placement = placement or Placement(resolve_device(cfg.train.device))
     placement.check(cfg)
     kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
@@ -106,6 +109,8 @@ def build_trainer(cfg: Config, placement: Placement | None = None) -> tuple[Conf
     cfg = with_vocab(cfg, manifest.vocab_size)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = Transformer(cfg.model).to(device)
+    if init_weights is not None:
+        init_weights(model)
     flops_per_token = model.flops_per_token(cfg.train.seq_len)
     engine = placement.engine(placement.prepare(model, cfg), cfg)
     t = cfg.train

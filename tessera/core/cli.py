@@ -61,10 +61,10 @@ def cmd_train(args, overrides: list[str]) -> None:
 
     if args.resume:
         overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
-    cfg = load_config(args.config, overrides)
+    cfg, init_weights = _init_from(load_config(args.config, overrides))
     try:
         placement = placement_for(cfg)
-        cfg, trainer = build_trainer(cfg, placement)
+        cfg, trainer = build_trainer(cfg, placement, init_weights)
         if cfg.log.gpu_telemetry and placement.device.type == "cuda" and placement.rank == 0:
             from tessera.launchers.telemetry import GpuTelemetry
 
@@ -82,6 +82,25 @@ def cmd_train(args, overrides: list[str]) -> None:
         print(f"{verb} steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
     if trainer.stopped_early:
         raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
+
+
+def _init_from(cfg):
+    """With `model.init_from` ("hf:DIR" or a checkpoint): the source's architecture and tokenizer in the
+    config, and the function that copies its weights into the new model."""
+    if not cfg.model.init_from:
+        return cfg, None
+    import dataclasses
+    from functools import partial
+
+    from tessera.core.config import validate
+    from tessera.interop.hf import init_model_config, init_tokenizer_path, load_init_weights
+
+    cfg = dataclasses.replace(cfg, model=init_model_config(cfg.model))
+    validate(cfg)
+    tokenizer = init_tokenizer_path(cfg.model)
+    if tokenizer and not cfg.data.tokenizer:  # data prepared with another tokenizer is then refused
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer)))
+    return cfg, partial(load_init_weights, init_from=cfg.model.init_from)
 
 
 def cmd_generate(args) -> None:

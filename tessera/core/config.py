@@ -316,7 +316,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.pos == "rope" and m.head_dim % 2:
         raise ConfigError(f"model.pos='rope' needs an even head dim; d_model/n_heads={m.head_dim}")
-    if t.seq_len > m.max_seq_len:
+    if t.seq_len > m.max_seq_len and not m.init_from:  # with init_from, checked once the source's size is known
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")

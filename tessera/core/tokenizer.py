@@ -2,8 +2,10 @@
 
 Both are saved as a standard `tokenizer.json` (plus `tokenizer_config.json`), so that
 `transformers.PreTrainedTokenizerFast` and `AutoTokenizer` load them unchanged, and both
-carry the special tokens bos, eos and pad. A tokenizer's identity is the SHA-256 of its
-serialized form: prepared data records it, and a run refuses data made by another tokenizer.
+carry the special tokens bos, eos and pad. A Hugging Face model's own tokenizer loads too: its
+`tokenizer_config.json` names its special tokens (eos standing in for a missing bos or pad).
+A tokenizer's identity is the SHA-256 of its serialized form: prepared data records it, and a
+run refuses data made by another tokenizer.
 """
 from __future__ import annotations
 
@@ -20,16 +22,17 @@ SPECIAL_TOKENS = [BOS, EOS, PAD]
 
 
 class Tokenizer:
-    """A thin, typed wrapper around a `tokenizers.Tokenizer` with Tessera's special tokens."""
+    """A thin, typed wrapper around a `tokenizers.Tokenizer` and its special tokens (Tessera's by default)."""
 
-    def __init__(self, backend: HFTokenizer):
+    def __init__(self, backend: HFTokenizer, bos: str = BOS, eos: str = EOS, pad: str = PAD):
         self.backend = backend
-        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        missing = [t for t in (bos, eos, pad) if backend.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}")
-        self.bos_id = backend.token_to_id(BOS)
-        self.eos_id = backend.token_to_id(EOS)
-        self.pad_id = backend.token_to_id(PAD)
+        self.bos, self.eos, self.pad = bos, eos, pad
+        self.bos_id = backend.token_to_id(bos)
+        self.eos_id = backend.token_to_id(eos)
+        self.pad_id = backend.token_to_id(pad)
 
     @property
     def vocab_size(self) -> int:
@@ -56,7 +59,7 @@ class Tokenizer:
         self.backend.save(str(path))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "bos_token": self.bos, "eos_token": self.eos, "pad_token": self.pad,
             "model_max_length": 1_000_000_000,
         }
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -70,7 +73,25 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}")
-    return Tokenizer(HFTokenizer.from_file(str(path)))
+    backend = HFTokenizer.from_file(str(path))
+    return Tokenizer(backend, **_special_names(path.parent / "tokenizer_config.json", backend))
+
+
+def _special_names(config: Path, backend: HFTokenizer) -> dict[str, str]:
+    """bos/eos/pad as `tokenizer_config.json` names them; none when it names no eos the vocabulary has."""
+    if not config.exists():
+        return {}
+    values = json.loads(config.read_text())
+
+    def name(key: str) -> str | None:
+        token = values.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) and backend.token_to_id(token) is not None else None
+
+    eos = name("eos_token")
+    if eos is None:
+        return {}
+    return {"eos": eos, "bos": name("bos_token") or eos, "pad": name("pad_token") or eos}
 
 
 def train_char(texts: Iterable[str]) -> Tokenizer:

@@ -1,0 +1,117 @@
+"""LoRA: low-rank adapters on chosen linear layers, applied from outside to the plain model.
+
+`LoRALinear` is an `nn.Linear` (same `weight`/`bias` names, so the base model's checkpoint keys
+do not change and tensor/FSDP parallelism see a linear layer) with two extra matrices:
+y = x W^T + b + (alpha / r) * dropout(x) A^T B^T. B starts at zero, so an adapted model starts
+exactly where its base was. Adapters are saved alone, and merged into W for export.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # attribute names of the linear layers to adapt
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"lora.r={self.r} must be >= 1")
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device=base.weight.device, dtype=base.weight.dtype)
+        self.weight = base.weight.requires_grad_(False)
+        self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
+        self.scale = cfg.alpha / cfg.r
+        # adapters at least fp32 even on a bf16 base: they are small and their updates tiny
+        dtype = torch.promote_types(base.weight.dtype, torch.float32)
+        self.lora_a = nn.Parameter(torch.empty(cfg.r, base.in_features, device=base.weight.device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, cfg.r, device=base.weight.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapter = (self.drop(x) @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
+        return super().forward(x) + self.scale * adapter
+
+    def merged(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight + self.scale * (self.lora_b @ self.lora_a).to(self.weight.dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def _adaptable(model: nn.Module, targets: tuple[str, ...]):
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                yield parent, name, child
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Wrap the target linear layers in place and freeze everything but the adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = 0
+    for parent, name, child in _adaptable(model, cfg.targets):
+        if not isinstance(child, LoRALinear):
+            setattr(parent, name, LoRALinear(child, cfg))
+            found += 1
+    if not found:
+        raise ValueError(f"no linear layer named any of {list(cfg.targets)}; valid: "
+                         f"{sorted({n for _, n, _ in _adaptable(model, DEFAULT_TARGETS)})}")
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (for export): the plain model again."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def save_adapters(model: nn.Module, cfg: LoRAConfig, directory: str | Path) -> Path:
+    """`adapter.safetensors` + `adapter_config.json`: the adapters without the base weights."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(directory / "adapter.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({**cfg.__dict__, "targets": list(cfg.targets)}))
+    return directory
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> LoRAConfig:
+    """Apply the saved adapters' config to `model` and load their weights."""
+    directory = Path(directory)
+    raw = json.loads((directory / "adapter_config.json").read_text())
+    cfg = LoRAConfig(**{**raw, "targets": tuple(raw["targets"])})
+    apply_lora(model, cfg)
+    device = next(model.parameters()).device
+    missing, unexpected = model.load_state_dict(load_file(str(directory / "adapter.safetensors"), device=str(device)),
+                                                strict=False)
+    if unexpected or any(".lora_" in k for k in missing):
+        raise ValueError(f"{directory}: adapters do not fit this model (unexpected {unexpected})")
+    return cfg

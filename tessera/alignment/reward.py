@@ -1,0 +1,33 @@
+"""Reward models: the language model's final hidden state at the last response token, mapped to
+a scalar, trained with the Bradley-Terry loss on preference pairs."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tessera.alignment.losses import bradley_terry_loss
+from tessera.core.model import Transformer
+
+
+class RewardModel(nn.Module):
+    """A Transformer body (its LM head unused) and a scalar head; `body` keeps the plain model's
+    parameter names, so a pretrained checkpoint loads into it and parallelism applies to it."""
+
+    def __init__(self, body: Transformer):
+        super().__init__()
+        self.body = body
+        self.value_head = nn.Linear(body.cfg.d_model, 1)
+        nn.init.normal_(self.value_head.weight, std=1 / (body.cfg.d_model + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """One reward per row (B,), read at the row's last masked (response) token."""
+        h = self.body.hidden_states(tokens)
+        last = loss_mask.shape[1] - 1 - loss_mask.flip(1).argmax(dim=1)
+        return self.value_head(h[torch.arange(h.shape[0]), last]).squeeze(-1).float()
+
+
+def reward_step_loss(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    rewards = model(batch["tokens"], batch["loss_mask"])
+    half = rewards.shape[0] // 2
+    return bradley_terry_loss(rewards[:half], rewards[half:])

@@ -1,0 +1,263 @@
+"""`tessera serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over a Tessera checkpoint.
+
+`/v1/completions` and `/v1/chat/completions` (JSON or server-sent events with `"stream": true`),
+`/health`, and `/metrics` (Prometheus text: requests, tokens, latency quantiles, batching).
+Handlers only parse, tokenize and format; decoding happens in the `Batcher` thread, which
+batches concurrent requests. Binds 127.0.0.1 unless told otherwise; with an API key every
+route but /health wants `Authorization: Bearer <key>`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from tessera.core.generate import Sampling
+from tessera.core.tokenizer import Tokenizer
+from tessera.interop.batcher import Batcher, Job, QueueFull
+from tessera.interop.serve_schema import (
+    ApiError, ChatRequest, CompletionRequest, ServeLimits, check_lengths, parse_request,
+)
+
+
+class TextStream:
+    """Token ids in, text deltas out: holds back what could still become a stop string or a split UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """The new text that is safe to send, and whether a stop string ended the completion."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            delta, self.sent = text[self.sent:min(hits)], min(hits)
+            return delta, True
+        safe = len(text) - self.hold - (1 if text.endswith("\ufffd") else 0)
+        delta = text[self.sent:max(safe, self.sent)]
+        self.sent += len(delta)
+        return delta, False
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.prompt_tokens = self.completion_tokens = 0
+        self.latencies: deque[float] = deque(maxlen=10_000)
+        self.latency_sum = 0.0
+
+    def observe(self, endpoint: str, status: int, seconds: float | None = None) -> None:
+        self.requests[endpoint, status] += 1
+        if seconds is not None:
+            self.latencies.append(seconds)
+            self.latency_sum += seconds
+
+    def render(self, batcher: Batcher) -> str:
+        lines = ["# TYPE tessera_requests_total counter"]
+        lines += [f'tessera_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+        lines += [f"tessera_prompt_tokens_total {self.prompt_tokens}", f"tessera_completion_tokens_total {self.completion_tokens}",
+                  "# TYPE tessera_request_latency_seconds summary"]
+        ordered = sorted(self.latencies)
+        for q in (0.5, 0.9, 0.99):
+            value = ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+            lines.append(f'tessera_request_latency_seconds{{quantile="{q}"}} {value:.6f}')
+        lines += [f"tessera_request_latency_seconds_sum {self.latency_sum:.6f}",
+                  f"tessera_request_latency_seconds_count {len(self.latencies)}",
+                  f"tessera_queue_depth {batcher.queue.qsize()}"]
+        lines += [f"tessera_{k}_total {v}" for k, v in batcher.stats.items()]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits = ServeLimits(),
+               api_key: str | None = None, model_name: str = "tessera") -> FastAPI:
+    """The FastAPI app; the batcher thread starts and stops with the app's lifespan."""
+    batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.batch_wait_s)
+    metrics = Metrics()
+    context = model.cfg.max_seq_len
+
+    async def lifespan(_app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="Tessera", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)", kind="authentication_error")
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limits.max_request_bytes:
+            raise ApiError(413, f"request body of {length} bytes exceeds {limits.max_request_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_request_bytes:
+                raise ApiError(413, f"request body exceeds {limits.max_request_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def events(job: Job, queue: asyncio.Queue, stream: TextStream) -> AsyncIterator[tuple[str, str | None]]:
+        """(text delta, finish_reason) pairs of one job, the last with its finish reason."""
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "token":
+                    delta, stopped = stream.push(value)
+                    metrics.completion_tokens += 1
+                    if stopped:
+                        job.cancelled = True
+                        yield delta, "stop"
+                        return
+                    if delta:
+                        yield delta, None
+                elif kind == "done":
+                    yield stream.finish(), value
+                    return
+                else:
+                    raise ApiError(500, f"decoding failed: {value}", kind="server_error")
+        finally:
+            job.cancelled = True
+
+    async def admit(request: Request, cls: type) -> tuple:
+        """Check, tokenize and queue a request; its deltas arrive through the returned iterator."""
+        authorize(request)
+        req = parse_request(await read_body(request), cls, limits)
+        prompt = tokenizer.encode(req.prompt_text())
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
+            max_tokens = min(limits.max_new_tokens, context - len(prompt) if cls is ChatRequest else 16)
+        check_lengths(len(prompt), max_tokens, limits, context)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(prompt, max_tokens, Sampling(req.temperature, req.top_k, req.top_p),
+                  emit=lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
+                  stop_ids=frozenset({tokenizer.eos_id}), seed=req.seed)
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(503, f"server busy: {e}", kind="server_error") from None
+        metrics.prompt_tokens += len(prompt)
+        stream = TextStream(tokenizer, req.stop_strings())
+        return req, len(prompt), stream, events(job, queue, stream)
+
+    async def handle(request: Request, cls: type, endpoint: str):
+        start = time.perf_counter()
+        chat = cls is ChatRequest
+        try:
+            req, n_prompt, stream, deltas = await admit(request, cls)
+            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()), "model": req.model or model_name}
+            if req.stream:
+                return StreamingResponse(sse(deltas, head, chat, endpoint, start), media_type="text/event-stream")
+            pieces, finish = [], None
+            async for delta, finish in deltas:
+                pieces.append(delta)
+        except ApiError as e:
+            metrics.observe(endpoint, e.status)
+            raise
+        text, n = "".join(pieces), len(stream.ids)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+        metrics.observe(endpoint, 200, time.perf_counter() - start)
+        return {**head, "choices": [choice], "usage": {"prompt_tokens": n_prompt, "completion_tokens": n,
+                                                       "total_tokens": n_prompt + n}}
+
+    async def sse(deltas: AsyncIterator[tuple[str, str | None]], head: dict, chat: bool, endpoint: str, start: float):
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(delta: dict | str, finish: str | None) -> str:
+            choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": delta, "logprobs": None}
+            return f"data: {json.dumps({**head, 'choices': [{**choice, 'finish_reason': finish}]})}\n\n"
+
+        if chat:
+            yield chunk({"role": "assistant", "content": ""}, None)
+        try:
+            async for delta, finish in deltas:
+                if delta or finish:
+                    yield chunk({"content": delta} if chat and delta else ({} if chat else delta), finish)
+        except ApiError as e:
+            metrics.observe(endpoint, e.status)
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
+        metrics.observe(endpoint, 200, time.perf_counter() - start)
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, CompletionRequest, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, ChatRequest, "chat")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "tessera"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "queue": batcher.queue.qsize()}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        authorize(request)
+        return PlainTextResponse(metrics.render(batcher))
+
+    return app
+
+
+def load_for_serving(ckpt: str | Path, device: str = "auto") -> tuple[torch.nn.Module, Tokenizer, str]:
+    """The model (int8 checkpoints on CPU), its tokenizer and a model name for the responses."""
+    from tessera import kernels
+    from tessera.core.checkpoint import find_checkpoint
+    from tessera.core.tokenizer import load_tokenizer
+    from tessera.interop.quantize import is_quantized, load_for_inference
+
+    ckpt = find_checkpoint(ckpt)
+    if device == "auto":
+        device = "cpu" if is_quantized(ckpt) or not torch.cuda.is_available() else "cuda"
+    kernels.configure("auto")
+    model = load_for_inference(ckpt, device)
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's {model.cfg.vocab_size}")
+    return model, tokenizer, ckpt.name
+
+
+def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: ServeLimits = ServeLimits(), device: str = "auto") -> None:
+    """Load the checkpoint and serve it until interrupted."""
+    import uvicorn
+
+    model, tokenizer, name = load_for_serving(ckpt, device)
+    app = create_app(model, tokenizer, limits, api_key, name)
+    print(f"serving {name} on http://{host}:{port} (API key {'required' if api_key else 'off'})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

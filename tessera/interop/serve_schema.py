@@ -1,0 +1,122 @@
+"""The OpenAI-shaped requests the server accepts, their limits, and its error bodies.
+
+Validation is explicit so that every bad request gets a 4xx with the OpenAI error shape
+(`{"error": {"message", "type", "param", "code"}}`) naming the field, rather than FastAPI's
+own 422 format or a crash.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_batch: int = 32  # requests decoded together
+    max_queue: int = 256  # requests waiting beyond this get 503
+    max_prompt_tokens: int = 0  # 0: the model's context length minus one
+    max_new_tokens: int = 512  # the largest max_tokens a request may ask for
+    max_request_bytes: int = 1 << 20
+    max_stop_strings: int = 4
+    batch_wait_s: float = 0.005  # how long a new batch waits for more requests to join it
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_new_tokens", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serve limit {name}={getattr(self, name)} must be >= 1")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"serve limit max_prompt_tokens={self.max_prompt_tokens} must be >= 0 (0: the context)")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
+
+class _Sampled(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class CompletionRequest(_Sampled):
+    prompt: str | list[str]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ApiError(400, "prompt: exactly one prompt per request is supported", "prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampled):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def prompt_text(self) -> str:
+        """A plain role-prefixed transcript ending with the assistant's turn (Tessera models have no chat template)."""
+        return "".join(f"{m.role}: {m.content}\n" for m in self.messages) + "assistant:"
+
+
+def parse_request(raw: bytes, cls: type[_Sampled], limits: ServeLimits) -> _Sampled:
+    """The validated request in `raw`, or ApiError(400/413) naming what is wrong."""
+    if len(raw) > limits.max_request_bytes:
+        raise ApiError(413, f"request body of {len(raw)} bytes exceeds {limits.max_request_bytes}")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        req = cls.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}", param) from None
+    if len(req.stop_strings()) > limits.max_stop_strings:
+        raise ApiError(400, f"stop: at most {limits.max_stop_strings} stop strings", "stop")
+    return req
+
+
+def check_lengths(prompt_tokens: int, max_tokens: int, limits: ServeLimits, context: int) -> None:
+    """Prompt and completion must fit the limits and, together, the model's context window."""
+    max_prompt = limits.max_prompt_tokens or context - 1
+    if prompt_tokens == 0:
+        raise ApiError(400, "prompt: must not be empty", "prompt")
+    if prompt_tokens > max_prompt:
+        raise ApiError(400, f"prompt: {prompt_tokens} tokens exceed the limit of {max_prompt}", "prompt")
+    if max_tokens < 1:
+        raise ApiError(400, f"max_tokens: the prompt ({prompt_tokens} tokens) leaves no room in the context of {context}", "max_tokens")
+    if max_tokens > limits.max_new_tokens:
+        raise ApiError(400, f"max_tokens: {max_tokens} exceeds the limit of {limits.max_new_tokens}", "max_tokens")
+    if prompt_tokens + max_tokens > context:
+        raise ApiError(400, f"max_tokens: prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceed the "
+                            f"model's context of {context} tokens", "max_tokens")

@@ -1,0 +1,66 @@
+"""`tessera train --model.init_from=hf:DIR`: the run starts from the Hugging Face model's weights,
+with its tokenizer, and fine-tuning lowers its perplexity on new text."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, corpus_text):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("init_from")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([corpus_text], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                         bos_token="<|endoftext|>").save_pretrained(root / "hf")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, bos_token_id=0, eos_token_id=0, n_embd=32, n_layer=2, n_head=4,
+                                                         n_positions=64)).save_pretrained(root / "hf")
+    (root / "text.txt").write_text(corpus_text[:30_000])
+    return root
+
+
+def tessera(*args):
+    proc = subprocess.run([sys.executable, "-m", "tessera", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_training_starts_from_the_hf_weights_and_fine_tunes(hf_dir):
+    tessera("data", "prepare", "--input", hf_dir / "text.txt", "--tokenizer", hf_dir / "hf", "--out", hf_dir / "data",
+            "--shard-tokens", "4000")
+    common = [f"--model.init_from=hf:{hf_dir / 'hf'}", f"--data.path={json.dumps(str(hf_dir / 'data'))}",
+              "--train.seq_len=32", "--train.batch_size=8", "--eval.every=0", "--log.progress=false",
+              "--log.tensorboard=false", "--optim.warmup_steps=1"]
+    recipe = hf_dir / "empty.toml"
+    recipe.write_text("")
+    tessera("train", recipe, *common, "--train.steps=1", "--optim.lr=0", "--optim.min_lr=0", "--optim.weight_decay=0",
+            f"--train.run_dir={json.dumps(str(hf_dir / 'frozen'))}")
+    from tessera.core.checkpoint import load_model_from_checkpoint
+
+    model = load_model_from_checkpoint(hf_dir / "frozen")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir / "hf").eval()
+    idx = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+    def ppl(ckpt):
+        return json.loads(tessera("eval", "perplexity", "--ckpt", ckpt, "--data", hf_dir / "data", "--seq-len", "32"))
+
+    tessera("train", recipe, *common, "--train.steps=40", "--optim.lr=3e-3",
+            f"--train.run_dir={json.dumps(str(hf_dir / 'tuned'))}")
+    before, after = ppl(hf_dir / "frozen"), ppl(hf_dir / "tuned")
+    key = next(k for k in before if "ppl" in k or "perplexity" in k)
+    assert after[key] < 0.7 * before[key], (before, after)

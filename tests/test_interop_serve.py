@@ -1,0 +1,186 @@
+"""`tessera serve` as a real process on loopback, driven by a real HTTP client (httpx):
+completions and chat, streaming and not, bad input answered with 4xx JSON, the API key,
+metrics, and 32 concurrent requests each answered as if decoded alone."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from tessera import kernels  # noqa: E402
+from tessera.core.checkpoint import load_model_from_checkpoint  # noqa: E402
+from tessera.core.config import ModelConfig  # noqa: E402
+from tessera.core.generate import Sampling, generate_tokens  # noqa: E402
+from tessera.core.model import Transformer  # noqa: E402
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, char_tokenizer):
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=char_tokenizer.vocab_size, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64,
+                      max_seq_len=128, norm="rmsnorm", pos="rope", mlp="swiglu", init_std=0.3)
+    ckpt = tmp_path_factory.mktemp("serve") / "step_000001"
+    ckpt.mkdir()
+    save_model(Transformer(cfg), str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(cfg.__dict__))
+    char_tokenizer.save(ckpt)
+    port = _free_port()
+    env = {**os.environ, "TESSERA_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tessera", "serve", "--ckpt", str(ckpt), "--port", str(port),
+                             "--max-tokens", "40", "--max-prompt-tokens", "100", "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stdout.read()}")
+        time.sleep(0.2)
+    yield base, ckpt
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _expected(ckpt, tokenizer, prompt: str, max_tokens: int) -> str:
+    kernels.configure("torch")
+    model = load_model_from_checkpoint(ckpt)
+    ids = generate_tokens(model, [tokenizer.encode(prompt)], max_tokens, sampling=Sampling(temperature=0),
+                          stop_ids=[tokenizer.eos_id])[0]
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids)
+
+
+def test_completion_and_stream_agree(server, char_tokenizer):
+    base, ckpt = server
+    body = {"prompt": "ROMEO:\nWhat", "max_tokens": 20, "temperature": 0}
+    r = httpx.post(f"{base}/v1/completions", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] in ("length", "stop")
+    assert out["choices"][0]["text"] == _expected(ckpt, char_tokenizer, body["prompt"], 20)
+    assert out["usage"]["prompt_tokens"] == len(char_tokenizer.encode(body["prompt"]))
+
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=30) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        choice = json.loads(line.removeprefix("data: "))["choices"][0]
+        pieces.append(choice["text"])
+        finish = choice["finish_reason"] or finish
+    assert "".join(pieces) == out["choices"][0]["text"] and finish == out["choices"][0]["finish_reason"]
+
+
+def test_chat_streaming_and_stop_string(server):
+    base, _ = server
+    body = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 30, "temperature": 0}
+    full = httpx.post(f"{base}/v1/chat/completions", json=body, headers=AUTH, timeout=30).json()
+    content = full["choices"][0]["message"]["content"]
+    assert full["object"] == "chat.completion" and full["choices"][0]["message"]["role"] == "assistant"
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, headers=AUTH, timeout=30) as s:
+        chunks = [json.loads(x.removeprefix("data: ")) for x in s.iter_lines() if x and x != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == content
+    default = httpx.post(f"{base}/v1/chat/completions", json={**body, "max_tokens": None}, headers=AUTH, timeout=30).json()
+    assert default["usage"]["completion_tokens"] <= 40  # the server's --max-tokens caps chat's default budget
+    if len(content) > 4:
+        stop = content[2:4]
+        cut = httpx.post(f"{base}/v1/chat/completions", json={**body, "stop": [stop]}, headers=AUTH, timeout=30).json()
+        assert cut["choices"][0]["message"]["content"] == content[:content.index(stop)]
+        assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("payload,status,param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"prompt": "x" * 101}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "hi", "max_tokens": 41}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "hi", "temperature": 3}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"max_tokens": 3}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "", "max_tokens": 3}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "a" * (2 << 20)}).encode(), 413, None),
+])
+def test_bad_requests_get_4xx_json(server, payload, status, param):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/completions", content=payload, headers={**AUTH, "content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and (param is None or error["param"] == param)
+
+
+def test_api_key_health_and_metrics(server):
+    base, _ = server
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}, timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers=wrong, timeout=10).status_code == 401
+    assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=AUTH, timeout=30).is_success
+    text = httpx.get(f"{base}/metrics", headers=AUTH, timeout=10).text
+    assert 'tessera_requests_total{endpoint="completions",status="200"}' in text
+    assert "tessera_request_latency_seconds{quantile=\"0.99\"}" in text
+
+
+def test_32_concurrent_requests_are_batched_and_correct(server, char_tokenizer, corpus_text):
+    import asyncio
+
+    base, ckpt = server
+    prompts = [corpus_text[i * 97: i * 97 + 5 + (i * 7) % 40] for i in range(32)]
+    lengths = [5 + (i % 4) * 5 for i in range(32)]
+
+    async def run():
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
+            replies = await asyncio.gather(*[
+                client.post(f"{base}/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0})
+                for p, n in zip(prompts, lengths)])
+            metrics = (await client.get(f"{base}/metrics")).text
+        return replies, metrics
+
+    replies, metrics = asyncio.run(run())
+    assert all(r.status_code == 200 for r in replies)
+    for reply, prompt, n in zip(replies, prompts, lengths):
+        assert reply.json()["choices"][0]["text"] == _expected(ckpt, char_tokenizer, prompt, n)
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("tessera_batch"))
+    shared = int(values["tessera_batched_requests_total"]) + int(metrics.split("tessera_joined_requests_total ")[1].split()[0])
+    assert shared > int(values["tessera_batches_total"])  # requests shared batches
+
+
+def test_int8_checkpoint_is_served_in_process(tmp_path, server):
+    from fastapi.testclient import TestClient
+
+    from tessera.interop.quantize import quantize_int8
+    from tessera.interop.serve import create_app, load_for_serving
+
+    _, ckpt = server
+    model, tokenizer, name = load_for_serving(quantize_int8(ckpt, tmp_path / "int8"), "cpu")
+    with TestClient(create_app(model, tokenizer, model_name=name)) as client:
+        r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0.7, "seed": 1})
+        assert r.status_code == 200 and r.json()["model"] == "int8"
+        assert client.get("/v1/models").json()["data"][0]["id"] == "int8"
