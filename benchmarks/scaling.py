@@ -149,7 +149,7 @@ def run_layout(name: str, cfg: ModelConfig, args, env) -> dict:
     def step() -> float:
         _sync(env.device)
         start = time.perf_counter()
-        engine.forward_backward(x, y)
+        engine.forward_backward((x, y))
         engine.clip_grad_norm(1.0)
         engine.step()
         engine.zero_grad()

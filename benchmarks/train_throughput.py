@@ -122,7 +122,7 @@ def main() -> None:
     ours_w, base_w = windowed(sides["tessera"]["losses"]), windowed(sides["baseline"]["losses"])
     result["max_loss_curve_gap"] = max(abs(a - b) / b for a, b in zip(ours_w, base_w))
 
-    print(f"\n| side | tokens/s | wall s | final train loss | val loss |\n|---|---|---|---|---|")
+    print("\n| side | tokens/s | wall s | final train loss | val loss |\n|---|---|---|---|---|")
     for name in ("baseline", "tessera"):
         r = result[name]
         print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} | {r['final_loss']:.4f} | {r['val_loss']:.4f} |")

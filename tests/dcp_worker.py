@@ -48,7 +48,7 @@ def build(style: str, parallel: ParallelConfig | None, env):
 def train(engine, x, y, steps: int) -> list[float]:
     losses = []
     for _ in range(steps):
-        losses.append(engine.forward_backward(x, y).item())
+        losses.append(engine.forward_backward((x, y)).item())
         engine.clip_grad_norm(GRAD_CLIP)
         engine.step()
         engine.zero_grad()

@@ -89,7 +89,7 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
     losses, norms = [], []
     for _ in range(STEPS):
-        losses.append(engine.forward_backward(x, y).item())
+        losses.append(engine.forward_backward((x, y)).item())
         norms.append(engine.clip_grad_norm(GRAD_CLIP).item())
         engine.step()
         engine.zero_grad()
@@ -98,9 +98,9 @@ def train(model_cfg: ModelConfig, parallel: ParallelConfig | None, env) -> dict:
     state = [s["exp_avg"] for s in engine.optimizer.state.values()]
     frozen_loss = None
     if parallel is not None and parallel.engine != "deepspeed":
-        frozen_loss = DistributedEngine(frozen, torch.optim.SGD([torch.zeros(1)]), env.device).eval_loss(x, y).item()
+        frozen_loss = DistributedEngine(frozen, torch.optim.SGD([torch.zeros(1)]), env.device).eval_loss((x, y)).item()
     return {
-        "losses": losses, "norms": norms, "eval": engine.eval_loss(x, y).item(), "frozen_eval": frozen_loss,
+        "losses": losses, "norms": norms, "eval": engine.eval_loss((x, y)).item(), "frozen_eval": frozen_loss,
         "checksums": {n: [p.double().sum().item(), p.double().abs().sum().item()] for n, p in params.items()},
         "param_numel": sum(full(p.detach()).numel() for p in model.parameters()),
         "local_param_numel": sum(local_numel(p) for p in model.parameters()),

@@ -21,7 +21,7 @@ def train(backend: str, style: dict, steps: int = 5) -> tuple[list[float], Trans
         losses = []
         for _ in range(steps):
             data = torch.randint(0, 53, (2, 21), generator=g)
-            losses.append(engine.forward_backward(data[:, :-1], data[:, 1:]).item())
+            losses.append(engine.forward_backward((data[:, :-1], data[:, 1:])).item())
             engine.clip_grad_norm(1.0)
             engine.step()
             engine.zero_grad()

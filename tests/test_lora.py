@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tessera.alignment.lora import LoRAConfig, LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters
-from tessera.core.config import ModelConfig
+from tessera.alignment.lora import LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters
+from tessera.core.config import LoraConfig, ModelConfig
 from tessera.core.model import Transformer
 
 
@@ -15,7 +15,7 @@ def model(seed=0):
                                    pos="rope", mlp="swiglu", d_ff=40, max_seq_len=16))
 
 
-def with_random_adapters(m, cfg=LoRAConfig(r=3, alpha=6.0)):
+def with_random_adapters(m, cfg=LoraConfig(r=3, alpha=6.0)):
     apply_lora(m, cfg)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -25,7 +25,7 @@ def with_random_adapters(m, cfg=LoRAConfig(r=3, alpha=6.0)):
 
 
 def test_starts_as_the_base_model_and_trains_only_adapters():
-    base, adapted = model(), apply_lora(model(), LoRAConfig(r=4))
+    base, adapted = model(), apply_lora(model(), LoraConfig(r=4))
     idx = torch.randint(0, 37, (3, 11))
     torch.testing.assert_close(adapted(idx), base(idx), rtol=0, atol=0)
     assert set(base.state_dict()) <= set(adapted.state_dict())  # base checkpoint keys unchanged
@@ -45,7 +45,7 @@ def test_starts_as_the_base_model_and_trains_only_adapters():
 def test_gradients_match_the_formula_in_float64():
     torch.manual_seed(1)
     base = nn.Linear(5, 7, dtype=torch.float64)
-    layer = LoRALinear(base, LoRAConfig(r=2, alpha=3.0))
+    layer = LoRALinear(base, LoraConfig(r=2, alpha=3.0))
     with torch.no_grad():
         layer.lora_b.normal_()
     x = torch.randn(4, 5, dtype=torch.float64)
@@ -71,7 +71,7 @@ def test_merge_keeps_the_function_and_gives_a_plain_model():
 
 def test_adapters_save_alone_and_load_onto_a_fresh_base(tmp_path):
     m = with_random_adapters(model())
-    save_adapters(m, LoRAConfig(r=3, alpha=6.0), tmp_path)
+    save_adapters(m, LoraConfig(r=3, alpha=6.0), tmp_path)
     fresh = model()
     cfg = load_adapters(fresh, tmp_path)
     assert cfg.r == 3
@@ -81,6 +81,8 @@ def test_adapters_save_alone_and_load_onto_a_fresh_base(tmp_path):
     assert size < sum(p.numel() for p in model().parameters()) * 4 / 2  # adapters only, not the base
 
 
-def test_unknown_targets_are_refused():
+def test_unknown_targets_and_rank_zero_are_refused():
     with pytest.raises(ValueError, match="no linear layer named"):
-        apply_lora(model(), LoRAConfig(targets=("q_proj",)))
+        apply_lora(model(), LoraConfig(r=2, targets=("q_proj",)))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        apply_lora(model(), LoraConfig(r=0))

@@ -2,7 +2,6 @@
 the measured peak of real CPU training steps (run in fresh subprocesses by this same file)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

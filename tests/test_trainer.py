@@ -80,8 +80,8 @@ def test_non_finite_losses_skip_the_update_then_stop_the_run(prepared, tmp_path)
     engine = trainer.engine
     real = engine.forward_backward
 
-    def poisoned(x, y, scale=1.0):
-        loss = real(x, y, scale)
+    def poisoned(batch, scale=1.0):
+        loss = real(batch, scale)
         return loss * float("nan") if trainer.step in (2,) or trainer.step >= 6 else loss
 
     engine.forward_backward = poisoned

@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 
 from tessera.alignment.losses import dpo_loss, sequence_logprobs
+from tessera.alignment.preference_data import Pair, collate, read_pairs
+from tessera.alignment.stage import StageTask
+from tessera.core.config import Config
 
 
 @dataclass(frozen=True)
@@ -50,3 +53,49 @@ def dpo_step_loss(policy: nn.Module, batch: dict[str, torch.Tensor], cfg: DPOCon
     logps = response_logprobs(policy, batch)
     half = logps.shape[0] // 2
     return dpo_loss(logps[:half], logps[half:], ref[:half], ref[half:], cfg.beta, cfg.label_smoothing, cfg.loss)
+
+
+class DPOTask(StageTask):
+    """`tessera dpo`: the policy starts from `model.init_from` and the reference is the same model,
+    frozen; `align.reference="precompute"` scores every pair with it once and lets it go."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.cfg = DPOConfig(cfg.align.beta, cfg.align.label_smoothing, cfg.align.loss)
+        self.reference: nn.Module | None = None
+        self.train_pairs = self._read(cfg, cfg.data.path)
+        self.val_pairs = self._read(cfg, cfg.align.val_path) if cfg.align.val_path else None
+
+    def _read(self, cfg: Config, path: str):
+        return read_pairs(path, self.tokenizer, self.template, cfg.train.seq_len, cfg.data.on_error)
+
+    def build_model(self, cfg: Config, device: torch.device, init_weights) -> nn.Module:
+        return self.adapt(self.new_transformer(cfg, device, init_weights), cfg)
+
+    def attach(self, placement, cfg: Config, init_weights) -> None:
+        reference = self.new_transformer(cfg, placement.device, init_weights).requires_grad_(False)
+        reference = placement.prepare(reference, cfg)
+        if cfg.align.reference == "model":
+            self.reference = reference
+            return
+        for pairs in (self.train_pairs[0], self.val_pairs[0] if self.val_pairs else []):
+            self._score(reference, pairs, cfg.train.batch_size, placement.device)
+
+    @torch.no_grad()
+    def _score(self, reference: nn.Module, pairs: list[Pair], batch_size: int, device: torch.device) -> None:
+        """The reference's log-probs of every pair, in the same batches on every rank (sharded
+        references need all ranks in step), stored in the pairs."""
+        reference.eval()
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, self.tokenizer.pad_id).items()}
+            logps = response_logprobs(reference, batch).float().cpu()
+            for i, pair in enumerate(chunk):
+                pairs[start + i] = Pair(pair.chosen, pair.rejected, (logps[i].item(), logps[len(chunk) + i].item()))
+
+    def objective(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        return dpo_step_loss(model, batch, self.cfg, self.reference)
+
+    def loaders(self, cfg: Config, dp_rank: int, dp_size: int):
+        return self.sample_loaders(cfg, self.train_pairs, self.val_pairs,
+                                   lambda b: collate(b, self.tokenizer.pad_id), dp_rank, dp_size)

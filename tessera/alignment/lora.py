@@ -9,30 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 
-DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
+from tessera.core.config import LoraConfig
 
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # attribute names of the linear layers to adapt
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"lora.r={self.r} must be >= 1")
+DEFAULT_TARGETS = LoraConfig.targets
 
 
 class LoRALinear(nn.Linear):
-    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+    def __init__(self, base: nn.Linear, cfg: LoraConfig):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
                          device=base.weight.device, dtype=base.weight.dtype)
         self.weight = base.weight.requires_grad_(False)
@@ -66,8 +55,10 @@ def _adaptable(model: nn.Module, targets: tuple[str, ...]):
                 yield parent, name, child
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap the target linear layers in place and freeze everything but the adapters."""
+    if cfg.r < 1:
+        raise ValueError(f"lora.r={cfg.r} must be >= 1 to apply adapters")
     for p in model.parameters():
         p.requires_grad_(False)
     found = 0
@@ -94,7 +85,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def save_adapters(model: nn.Module, cfg: LoRAConfig, directory: str | Path) -> Path:
+def save_adapters(model: nn.Module, cfg: LoraConfig, directory: str | Path) -> Path:
     """`adapter.safetensors` + `adapter_config.json`: the adapters without the base weights."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,11 +94,11 @@ def save_adapters(model: nn.Module, cfg: LoRAConfig, directory: str | Path) -> P
     return directory
 
 
-def load_adapters(model: nn.Module, directory: str | Path) -> LoRAConfig:
+def load_adapters(model: nn.Module, directory: str | Path) -> LoraConfig:
     """Apply the saved adapters' config to `model` and load their weights."""
     directory = Path(directory)
     raw = json.loads((directory / "adapter_config.json").read_text())
-    cfg = LoRAConfig(**{**raw, "targets": tuple(raw["targets"])})
+    cfg = LoraConfig(**{**raw, "targets": tuple(raw["targets"])})
     apply_lora(model, cfg)
     device = next(model.parameters()).device
     missing, unexpected = model.load_state_dict(load_file(str(directory / "adapter.safetensors"), device=str(device)),
@@ -115,3 +106,20 @@ def load_adapters(model: nn.Module, directory: str | Path) -> LoRAConfig:
     if unexpected or any(".lora_" in k for k in missing):
         raise ValueError(f"{directory}: adapters do not fit this model (unexpected {unexpected})")
     return cfg
+
+
+def export_from_checkpoint(ckpt: str | Path, cfg: LoraConfig, out_dir: str | Path) -> tuple[Path, Path]:
+    """From a checkpoint of a LoRA run (any layout): `out_dir/adapter` (the adapters alone) and
+    `out_dir/merged` (a plain checkpoint with the adapters folded in, for generation and export)."""
+    from tessera.core.checkpoint import load_weights, read_model_config, write_run_files
+    from tessera.core.model import Transformer
+
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    model = apply_lora(Transformer(read_model_config(ckpt)), cfg)
+    load_weights(model, ckpt)
+    adapter = save_adapters(model, cfg, out_dir / "adapter")
+    merged = out_dir / "merged"
+    merged.mkdir(parents=True, exist_ok=True)
+    save_model(merge_lora(model), str(merged / "model.safetensors"))
+    write_run_files(merged, model.cfg, "", tuple(p for p in ckpt.glob("tokenizer*.json")))
+    return adapter, merged

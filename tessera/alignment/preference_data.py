@@ -21,6 +21,7 @@ from tessera.core.tokenizer import Tokenizer
 class Pair:
     chosen: tuple[list[int], list[int]]  # tokens, loss mask
     rejected: tuple[list[int], list[int]]
+    ref_logps: tuple[float, float] | None = None  # the reference model's (chosen, rejected), when precomputed
 
 
 def encode_pair(tokenizer: Tokenizer, template: str, record: dict, seq_len: int) -> Pair:
@@ -57,7 +58,8 @@ def read_pairs(path: str | Path, tokenizer: Tokenizer, template: str, seq_len: i
 
 
 def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """`tokens` and `loss_mask` (2B, S): the B chosen rows first, then the B rejected ones."""
+    """`tokens` and `loss_mask` (2B, S): the B chosen rows first, then the B rejected ones
+    (and `ref_logps` (2B,) in the same order when the pairs carry them)."""
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     width = max(len(t) for t, _ in rows)
     tokens = torch.full((len(rows), width), pad_id)
@@ -65,4 +67,7 @@ def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     for i, (t, m) in enumerate(rows):
         tokens[i, : len(t)] = torch.tensor(t)
         mask[i, : len(m)] = torch.tensor(m)
-    return {"tokens": tokens, "loss_mask": mask}
+    batch = {"tokens": tokens, "loss_mask": mask}
+    if all(p.ref_logps is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs])
+    return batch

@@ -14,12 +14,12 @@ import torch
 from tessera import kernels
 from tessera.core.checkpoint import Checkpointer, checkpoint_step
 from tessera.core.config import Config, ConfigError, to_toml
-from tessera.core.data import DataError, StreamingLoader, read_manifest
+from tessera.core.data import DataError
 from tessera.core.engine import LocalEngine
 from tessera.core.metrics import MetricsLogger, peak_flops
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
-from tessera.core.tokenizer import load_tokenizer
+from tessera.core.task import LanguageModelingTask
 from tessera.core.trainer import Trainer, TrainerParts
 
 
@@ -38,17 +38,6 @@ def with_vocab(cfg: Config, vocab_size: int) -> Config:
     if cfg.model.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's {vocab_size}")
     return cfg
-
-
-def load_data(cfg: Config):
-    """The manifest of data.path, checked against the run's tokenizer (data.tokenizer, else the data's own)."""
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set: point it at a directory made by `tessera data prepare`")
-    if not Path(cfg.data.path).is_dir():
-        raise ConfigError(f"data.path={cfg.data.path!r} does not exist: run `tessera data prepare --out {cfg.data.path}`")
-    manifest = read_manifest(cfg.data.path)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or manifest.tokenizer_path)
-    return read_manifest(cfg.data.path, tokenizer.hash)
 
 
 class Placement:
@@ -95,9 +84,13 @@ def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
 
 
 def build_trainer(cfg: Config, placement: Placement | None = None,
-                  init_weights: Callable[[Transformer], None] | None = None) -> tuple[Config, Trainer]:
+                  init_weights: Callable[[Transformer], None] | None = None,
+                  task: LanguageModelingTask | None = None) -> tuple[Config, Trainer]:
     """A ready-to-fit Trainer (resumed when checkpoint.resume asks for it) and the final config.
-    `init_weights` fills the new model before it is spread (fine-tuning from `model.init_from`)."""
+
+    `init_weights` fills the new model before it is spread (fine-tuning from `model.init_from`);
+    `task` is what is learned (pretraining on prepared shards unless an alignment stage says).
+    """
     placement = placement or Placement(resolve_device(cfg.train.device))
     placement.check(cfg)
     kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
@@ -105,30 +98,21 @@ def build_trainer(cfg: Config, placement: Placement | None = None,
     if device.type == "cpu" and "triton" in kernels.dispatch.current().values() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("kernels backend 'triton' on CPU runs only under Triton's interpreter: start with "
                           "TRITON_INTERPRET=1 (slow, for testing); valid on CPU otherwise: auto, torch")
-    manifest = load_data(cfg)
-    cfg = with_vocab(cfg, manifest.vocab_size)
+    task = task or LanguageModelingTask(cfg)
+    cfg = with_vocab(cfg, task.vocab_size)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
-    model = Transformer(cfg.model).to(device)
-    if init_weights is not None:
-        init_weights(model)
-    flops_per_token = model.flops_per_token(cfg.train.seq_len)
+    model = task.build_model(cfg, device, init_weights)
+    with torch.device("meta"):  # the trained body's FLOPs, whatever head or adapters the task adds
+        flops_per_token = Transformer(cfg.model).flops_per_token(cfg.train.seq_len)
     engine = placement.engine(placement.prepare(model, cfg), cfg)
-    t = cfg.train
-    rank, ranks = placement.dp_rank, placement.dp_size
-    train_loader = StreamingLoader(
-        manifest, "train", t.batch_size, t.seq_len, rank, ranks, cfg.data.num_workers,
-        seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
-    )
-    val_loader = None
-    if "val" in manifest.splits:
-        val_loader = StreamingLoader(manifest, "val", t.batch_size, t.seq_len, rank, ranks,
-                                     shuffle=False, on_error=cfg.data.on_error, epochs=1)
-    run_dir = Path(t.run_dir)
+    engine.objective = task.objective
+    task.attach(placement, cfg, init_weights)
+    train_loader, val_loader = task.loaders(cfg, placement.dp_rank, placement.dp_size)
+    run_dir = Path(cfg.train.run_dir)
     if placement.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
-    checkpointer = placement.checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                          (manifest.tokenizer_path, manifest.root / "tokenizer_config.json"))
+    checkpointer = placement.checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, task.tokenizer_files)
     resume_from = resume_path(cfg.checkpoint.resume, checkpointer)
     resume_step = checkpoint_step(resume_from) if resume_from else None
     parts = TrainerParts(
@@ -136,6 +120,7 @@ def build_trainer(cfg: Config, placement: Placement | None = None,
         metrics=placement.metrics(run_dir, cfg.log.tensorboard, resume_step), device=device,
         flops_per_token=flops_per_token, peak_flops=peak_flops(device, cfg.log.peak_tflops),
         dp_size=placement.dp_size, devices=placement.world_size, console=placement.rank == 0,
+        val_perplexity=task.val_perplexity,
     )
     trainer = Trainer(cfg, parts)
     if resume_from:

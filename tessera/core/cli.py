@@ -64,7 +64,8 @@ def cmd_train(args, overrides: list[str]) -> None:
     cfg, init_weights = _init_from(load_config(args.config, overrides))
     try:
         placement = placement_for(cfg)
-        cfg, trainer = build_trainer(cfg, placement, init_weights)
+        task = _stage_task(args.command, cfg)
+        cfg, trainer = build_trainer(cfg, placement, init_weights, task)
         if cfg.log.gpu_telemetry and placement.device.type == "cuda" and placement.rank == 0:
             from tessera.launchers.telemetry import GpuTelemetry
 
@@ -77,11 +78,33 @@ def cmd_train(args, overrides: list[str]) -> None:
     finally:
         destroy()
     if placement.rank == 0:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in ("loss", "val_loss", "tokens_per_s"))
+        keys = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in keys)
         verb = "stopped at request after" if trainer.stopped_early else "trained"
         print(f"{verb} steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
+        if cfg.lora.r > 0 and args.command != "rm" and not trainer.stopped_early:
+            from tessera.alignment.lora import export_from_checkpoint
+
+            adapter, merged = export_from_checkpoint(trainer.parts.checkpointer.latest(), cfg.lora, cfg.train.run_dir)
+            print(f"wrote adapters to {adapter} and the merged model to {merged}")
     if trainer.stopped_early:
         raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
+
+
+def _stage_task(command: str, cfg):
+    """The task of `tessera sft|rm|dpo` (None: pretraining, `tessera train`)."""
+    if command == "train":
+        if cfg.lora.r > 0:
+            raise ConfigError("lora.r > 0 is for fine-tuning stages (tessera sft | dpo | rm); tessera train "
+                              "trains every weight")
+        return None
+    if cfg.lora.r > 0 and cfg.parallel.tp > 1:
+        raise ConfigError("LoRA adapters are not tensor-parallel: with lora.r > 0 use parallel.tp=1")
+    from tessera.alignment.dpo import DPOTask
+    from tessera.alignment.reward import RewardTask
+    from tessera.alignment.sft import SFTTask
+
+    return {"sft": SFTTask, "rm": RewardTask, "dpo": DPOTask}[command](cfg)
 
 
 def _init_from(cfg):
@@ -261,6 +284,12 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="TOML config")
     tr.add_argument("--resume", help="'auto' or a checkpoint directory (same as --checkpoint.resume=...)")
     tr.set_defaults(func=cmd_train, takes_overrides=True)
+    for stage, what in (("sft", "supervised fine-tuning on instruction JSONL"),
+                        ("rm", "a reward model on preference pairs"), ("dpo", "DPO on preference pairs")):
+        st = sub.add_parser(stage, help=f"{what}: tessera {stage} CONFIG.toml --section.key=value ...")
+        st.add_argument("config", help="TOML config (data.path: the JSONL file; model.init_from: the start)")
+        st.add_argument("--resume", help="'auto' or a checkpoint directory")
+        st.set_defaults(func=cmd_train, takes_overrides=True)
 
     ge = sub.add_parser("generate", help="sample text from a checkpoint")
     ge.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")

@@ -166,6 +166,27 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters for fine-tuning (read by tessera.alignment); r = 0 trains every weight."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "gate", "up", "down")  # linear layers by name
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """The alignment stages (read by tessera.alignment); data.path is their JSONL file."""
+
+    val_path: str = ""  # held-out JSONL of the same kind
+    beta: float = 0.1  # DPO: strength of the pull towards the reference
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # DPO: > 0 is conservative DPO
+    reference: Literal["precompute", "model"] = "precompute"  # DPO: log-probs in one pass, or a frozen model
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -176,6 +197,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -198,6 +221,10 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(errors[0])
     if origin is tuple:
         args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}={value!r} must be a list")
+            return tuple(_check_value(key, v, args[0]) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values")
         return tuple(_check_value(key, v, a) for v, a in zip(value, args))

@@ -1,25 +1,40 @@
 """The engine: how one process turns a batch into gradients and an update.
 
 The trainer talks only to this interface, so that `tessera.distributed` can supply engines
-for FSDP2, tensor parallelism or DeepSpeed without the trainer changing.
+for FSDP2, tensor parallelism or DeepSpeed without the trainer changing. What a batch is and
+what loss it gives is the engine's `objective` (next-token prediction unless a task sets
+another, e.g. DPO), so the same engines run pretraining and alignment.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
+
+
+Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def language_model_objective(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    """Mean next-token cross-entropy of an (inputs, targets) batch."""
+    inputs, targets = batch
+    return model(inputs, targets), {}
 
 
 class LocalEngine:
     """A single-process engine: autocast, backward, global-norm clipping and the optimizer step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, objective: Objective = language_model_objective):
         self.model = model
         self.optimizer = optimizer
         self.device = device
         self.precision = precision
+        self.objective = objective
+        self.metrics: dict[str, torch.Tensor] = {}  # the objective's metrics of the last batch
         self._forward = torch.compile(model) if compile else model
 
     def autocast(self):
@@ -27,19 +42,22 @@ class LocalEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
         """Loss of one micro-batch (detached); gradients of loss * scale are accumulated."""
         self.model.train()
         with self.autocast():
-            loss = self._forward(inputs, targets)
+            loss, metrics = self.objective(self._forward, batch)
         (loss * scale).backward()
+        self.metrics = {k: v.detach().float() for k, v in metrics.items()}
         return loss.detach()
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, batch) -> torch.Tensor:
         self.model.eval()
         with self.autocast():
-            return self._forward(inputs, targets).float()
+            loss, metrics = self.objective(self._forward, batch)
+        self.metrics = {k: v.float() for k, v in metrics.items()}
+        return loss.float()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping; clips only when max_norm > 0."""

@@ -1,4 +1,4 @@
-"""Evaluation: validation loss during training, perplexity of a checkpoint, BLEU and ROUGE of text."""
+"""Evaluation: perplexity of a checkpoint, BLEU and ROUGE of text (validation during training is the trainer's)."""
 from __future__ import annotations
 
 import itertools
@@ -7,16 +7,7 @@ import math
 import numpy as np
 import torch
 
-from tessera.core.data import Manifest, ShardReader, StreamingLoader
-
-
-def mean_loss(engine, loader: StreamingLoader, batches: int, device: torch.device) -> float:
-    """Mean loss over the first `batches` batches of `loader` (all equal-sized, so token-weighted)."""
-    loader.reset()
-    losses = [engine.eval_loss(x.to(device), y.to(device)) for x, y in itertools.islice(loader, batches)]
-    if not losses:
-        raise ValueError(f"the {loader.split} split yields no batch of {loader.batch_size} x {loader.seq_len + 1} tokens")
-    return torch.stack(losses).mean().item()
+from tessera.core.data import Manifest, ShardReader
 
 
 @torch.no_grad()

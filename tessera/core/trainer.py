@@ -2,6 +2,7 @@
 outside, and knows nothing of how many processes run it or who launched them."""
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -16,7 +17,6 @@ from tqdm import tqdm
 from tessera.core.checkpoint import Checkpointer
 from tessera.core.config import Config, to_toml
 from tessera.core.data import StreamingLoader
-from tessera.core.evaluate import mean_loss
 from tessera.core.metrics import MetricsLogger, memory_gb
 from tessera.core.optim import lr_at, set_lr
 
@@ -39,6 +39,16 @@ class TrainerParts:
     devices: int = 1  # all ranks, for MFU
     console: bool = True  # progress bar and messages (the first rank only)
     telemetry: object | None = None  # anything with sample() -> dict[str, float], logged with the metrics
+    val_perplexity: bool = True  # the loss is a per-token NLL (not so for preference losses)
+
+
+def to_device(batch, device: torch.device):
+    """A batch (tensor, tuple or dict of tensors) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return type(batch)(to_device(v, device) for v in batch)
 
 
 def rng_state() -> dict:
@@ -64,6 +74,7 @@ class Trainer:
         self.skipped_steps = 0
         self.stop_requested = False
         self.stopped_early = False
+        self.step_metrics: dict[str, float] = {}
         t = cfg.train
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * parts.dp_size
 
@@ -101,20 +112,35 @@ class Trainer:
         self.stop_requested = True
 
     def evaluate(self) -> dict:
-        if self.parts.val_loader is None:
+        """Mean loss (and the objective's metrics) over `eval.batches` validation batches."""
+        loader = self.parts.val_loader
+        if loader is None:
             return {}
-        loss = mean_loss(self.engine, self.parts.val_loader, self.cfg.eval.batches, self.parts.device)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        loader.reset()
+        losses, metrics = [], {}
+        for batch in itertools.islice(loader, self.cfg.eval.batches):
+            losses.append(self.engine.eval_loss(to_device(batch, self.parts.device)))
+            for k, v in self.engine.metrics.items():
+                metrics.setdefault(f"val_{k}", []).append(v)
+        if not losses:
+            raise ValueError("the validation split yields no full batch: lower train.batch_size or add data")
+        loss = torch.stack(losses).mean().item()
+        out = {"val_loss": loss, **{k: torch.stack(v).mean().item() for k, v in metrics.items()}}
+        if self.parts.val_perplexity:
+            out["val_ppl"] = math.exp(min(loss, 50.0))
+        return out
 
     def train_step(self, batches: Iterator) -> tuple[float, float]:
         t = self.cfg.train
         set_lr(self.engine.optimizer, lr_at(self.step, self.cfg.optim, t.steps))
         loss = torch.zeros((), device=self.parts.device)
+        metrics: dict[str, torch.Tensor] = {}
         for _ in range(t.grad_accum):
-            x, y = next(batches)
-            x, y = x.to(self.parts.device, non_blocking=True), y.to(self.parts.device, non_blocking=True)
-            loss += self.engine.forward_backward(x, y, scale=1.0 / t.grad_accum)
+            loss += self.engine.forward_backward(to_device(next(batches), self.parts.device), scale=1.0 / t.grad_accum)
+            for k, v in self.engine.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / t.grad_accum
         loss /= t.grad_accum
+        self.step_metrics = {k: float(v) for k, v in metrics.items()}
         norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         loss_value, norm_value = loss.item(), float(norm)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -158,6 +184,7 @@ class Trainer:
                 }
                 if parts.peak_flops:
                     last["mfu"] = parts.flops_per_token * tokens_per_s / (parts.peak_flops * parts.devices)
+                last.update(self.step_metrics)
                 if parts.telemetry is not None:
                     last.update(parts.telemetry.sample())
                 parts.metrics.log(self.step, last)

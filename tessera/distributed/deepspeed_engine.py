@@ -60,27 +60,30 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
 class DeepSpeedEngine(LocalEngine):
     """The engine interface over a `deepspeed.DeepSpeedEngine`; `model` is the plain module."""
 
-    def __init__(self, ds_engine, device: torch.device, precision: str):
+    def __init__(self, ds_engine, device: torch.device, precision: str, **kwargs):
         self.ds = ds_engine
-        super().__init__(ds_engine.module, ds_engine.optimizer, device, precision)
+        super().__init__(ds_engine.module, ds_engine.optimizer, device, precision, **kwargs)
         self._forward = ds_engine
         self._stepped_norm: float | None = None
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
         """Global mean loss; DeepSpeed applies the 1/grad_accum scale itself (set from train.grad_accum)."""
         self.ds.train()
         with self.autocast():
-            loss = self.ds(inputs, targets)
+            loss, metrics = self.objective(self.ds, batch)
         self.ds.backward(loss)
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # advances the micro-step counter only
+        self.metrics = {k: _world_mean(v.detach().float()) for k, v in metrics.items()}
         return _world_mean(loss.detach())
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, batch) -> torch.Tensor:
         self.ds.eval()
         with self.autocast():
-            return _world_mean(self.ds(inputs, targets).float())
+            loss, metrics = self.objective(self.ds, batch)
+        self.metrics = {k: _world_mean(v.float()) for k, v in metrics.items()}
+        return _world_mean(loss.float())
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Runs DeepSpeed's step (norm, clip at the configured value, skip if not finite) and returns

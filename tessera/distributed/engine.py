@@ -71,22 +71,25 @@ class DistributedEngine(LocalEngine):
     """Same interface as LocalEngine; `model` is the parallelized module (same parameter names)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str = "fp32", compile: bool = False):
-        super().__init__(model, optimizer, device, precision, compile)
+                 precision: str = "fp32", compile: bool = False, **kwargs):
+        super().__init__(model, optimizer, device, precision, compile, **kwargs)
         split_param_groups(optimizer)
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Global mean loss of the micro-batch (detached) across data-parallel ranks."""
-        return _world_mean(super().forward_backward(inputs, targets, scale))
+    def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
+        """Global mean loss (and metrics) of the micro-batch (detached) across data-parallel ranks."""
+        loss = _world_mean(super().forward_backward(batch, scale))
+        self.metrics = {k: _world_mean(v) for k, v in self.metrics.items()}
+        return loss
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, batch) -> torch.Tensor:
         """Global mean loss; FSDP's root and last block stay gathered after a forward without
         backward, so they are resharded here rather than held through evaluation."""
-        loss = super().eval_loss(inputs, targets)
+        loss = super().eval_loss(batch)
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+        self.metrics = {k: _world_mean(v) for k, v in self.metrics.items()}
         return _world_mean(loss)
 
     def any_rank(self, flag: bool) -> bool:

@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from tessera.core.config import ConfigError, ParallelConfig
+from tessera.core.model import Transformer
 from tessera.distributed import loss_parallel  # noqa: F401  (registers the vocab-parallel loss)
 from tessera.distributed.mesh import ParallelDims
 
@@ -137,31 +138,36 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> None:
             model.layers[i] = checkpoint_wrapper(block)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, cfg: ParallelConfig) -> None:
-    """FSDP2 per block (one all-gather in flight per block), then the root for the rest."""
+def apply_fsdp(model: nn.Module, body: Transformer, dp_mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+    """FSDP2 per block of `body` (one all-gather in flight per block), then the root for the rest."""
     mp = MixedPrecisionPolicy()
     if cfg.mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(body.layers):
         # The last block's parameters are gathered again at once by backward: keep them.
-        reshard = cfg.reshard_after_forward and i < len(model.layers) - 1
+        reshard = cfg.reshard_after_forward and i < len(body.layers) - 1
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh: DeviceMesh | None) -> nn.Module:
-    """`model` with TP/SP, activation checkpointing and FSDP2/HSDP/DDP applied in place."""
+    """`model` with TP/SP, activation checkpointing and FSDP2/HSDP/DDP applied in place.
+
+    `model` is a `Transformer`, or a module holding one (a reward model's body and head): the
+    blocks are found in the Transformer, the root is the whole module.
+    """
+    body = next(m for m in model.modules() if isinstance(m, Transformer))
     if dims.tp > 1:
         if dims.ddp:
             raise ConfigError(f"parallel.dp_replicate={dims.dp_replicate} with parallel.tp={dims.tp} needs "
                               "parallel.dp_shard > 1 (HSDP); DDP does not take DTensor parameters")
-        apply_tp(model, mesh["tp"], cfg.sequence_parallel)
+        apply_tp(body, mesh["tp"], cfg.sequence_parallel)
         if cfg.loss_parallel:
-            apply_vocab_parallel(model, mesh["tp"])
-    apply_ac(model, cfg.activation_checkpoint, cfg.checkpoint_every)
+            apply_vocab_parallel(body, mesh["tp"])
+    apply_ac(body, cfg.activation_checkpoint, cfg.checkpoint_every)
     if dims.fsdp:
         dp_dims = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
-        apply_fsdp(model, mesh[dp_dims], cfg)
+        apply_fsdp(model, body, mesh[dp_dims], cfg)
     elif dims.ddp and any(p.requires_grad for p in model.parameters()):  # a frozen model has nothing to sync
         replicate(model, device_mesh=mesh["dp_replicate"])
     return model
