@@ -11,18 +11,12 @@ import signal
 import sys
 from pathlib import Path
 
+from tessera.core.cli_train import EXIT_INTERRUPTED, TrainingInterrupted, cmd_train
 from tessera.core.config import ConfigError
 
 
 class UsageError(Exception):
     """Bad command-line input, reported as one line with exit code 2."""
-
-
-EXIT_INTERRUPTED = 3  # launchers requeue a job that exits with this code
-
-
-class TrainingInterrupted(Exception):
-    """A run stopped early at request (preemption, SIGTERM) after a checkpoint: exit code 3."""
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -48,82 +42,6 @@ def cmd_data_prepare(args) -> None:
                        args.shard_tokens, args.sample_tokens, args.text_field)
     counts = ", ".join(f"{k}: {manifest.tokens(k):,} tokens in {len(v)} shards" for k, v in manifest.splits.items())
     print(f"wrote {args.out}/manifest.json ({counts})")
-
-
-def cmd_train(args, overrides: list[str]) -> None:
-    """One code path for every layout: the placement (one process, FSDP/TP ranks, DeepSpeed) comes
-    from the environment torchrun or SLURM set, the rest is the same trainer. SIGUSR1 (SLURM's
-    preemption warning) and SIGTERM checkpoint after the current step and stop."""
-    from tessera.core.build import build_trainer
-    from tessera.core.config import load_config
-    from tessera.distributed.env import destroy
-    from tessera.distributed.placement import placement_for
-
-    if args.resume:
-        overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
-    cfg, init_weights = _init_from(load_config(args.config, overrides))
-    try:
-        placement = placement_for(cfg)
-        task = _stage_task(args.command, cfg)
-        cfg, trainer = build_trainer(cfg, placement, init_weights, task)
-        if cfg.log.gpu_telemetry and placement.device.type == "cuda" and placement.rank == 0:
-            from tessera.launchers.telemetry import GpuTelemetry
-
-            trainer.parts.telemetry = GpuTelemetry()
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, lambda *_: trainer.request_stop())
-        start = trainer.step
-        final = trainer.fit()
-        trainer.parts.metrics.close()
-    finally:
-        destroy()
-    if placement.rank == 0:
-        keys = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin")
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in keys)
-        verb = "stopped at request after" if trainer.stopped_early else "trained"
-        print(f"{verb} steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
-        if cfg.lora.r > 0 and args.command != "rm" and not trainer.stopped_early:
-            from tessera.alignment.lora import export_from_checkpoint
-
-            adapter, merged = export_from_checkpoint(trainer.parts.checkpointer.latest(), cfg.lora, cfg.train.run_dir)
-            print(f"wrote adapters to {adapter} and the merged model to {merged}")
-    if trainer.stopped_early:
-        raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
-
-
-def _stage_task(command: str, cfg):
-    """The task of `tessera sft|rm|dpo` (None: pretraining, `tessera train`)."""
-    if command == "train":
-        if cfg.lora.r > 0:
-            raise ConfigError("lora.r > 0 is for fine-tuning stages (tessera sft | dpo | rm); tessera train "
-                              "trains every weight")
-        return None
-    if cfg.lora.r > 0 and cfg.parallel.tp > 1:
-        raise ConfigError("LoRA adapters are not tensor-parallel: with lora.r > 0 use parallel.tp=1")
-    from tessera.alignment.dpo import DPOTask
-    from tessera.alignment.reward import RewardTask
-    from tessera.alignment.sft import SFTTask
-
-    return {"sft": SFTTask, "rm": RewardTask, "dpo": DPOTask}[command](cfg)
-
-
-def _init_from(cfg):
-    """With `model.init_from` ("hf:DIR" or a checkpoint): the source's architecture and tokenizer in the
-    config, and the function that copies its weights into the new model."""
-    if not cfg.model.init_from:
-        return cfg, None
-    import dataclasses
-    from functools import partial
-
-    from tessera.core.config import validate
-    from tessera.interop.hf import init_model_config, init_tokenizer_path, load_init_weights
-
-    cfg = dataclasses.replace(cfg, model=init_model_config(cfg.model))
-    validate(cfg)
-    tokenizer = init_tokenizer_path(cfg.model)
-    if tokenizer and not cfg.data.tokenizer:  # data prepared with another tokenizer is then refused
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer)))
-    return cfg, partial(load_init_weights, init_from=cfg.model.init_from)
 
 
 def cmd_generate(args) -> None:

@@ -5,7 +5,6 @@ the new residual stream, and a fused kernel saves one read and one write of it.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from tessera.kernels.dispatch import register
