@@ -64,3 +64,20 @@ def test_training_starts_from_the_hf_weights_and_fine_tunes(hf_dir):
     before, after = ppl(hf_dir / "frozen"), ppl(hf_dir / "tuned")
     key = next(k for k in before if "ppl" in k or "perplexity" in k)
     assert after[key] < 0.7 * before[key], (before, after)
+
+
+def test_sft_with_lora_starts_from_the_hf_model_and_its_tokenizer(hf_dir):
+    lines = [{"instruction": f"Who speaks in line {i}?", "output": "ROMEO speaks."} for i in range(24)]
+    (hf_dir / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tessera("sft", hf_dir / "empty.toml", f"--model.init_from=hf:{hf_dir / 'hf'}",
+                  f"--data.path={json.dumps(str(hf_dir / 'sft.jsonl'))}", "--train.seq_len=63", "--train.batch_size=4",
+                  "--train.steps=6", "--eval.every=0", "--log.progress=false", "--log.tensorboard=false",
+                  "--lora.r=4", f"--train.run_dir={json.dumps(str(hf_dir / 'sft'))}")
+    assert "trained steps 0..6" in out and (hf_dir / "sft" / "merged" / "tokenizer.json").exists()
+    from tessera.core.checkpoint import load_model_from_checkpoint
+
+    merged = load_model_from_checkpoint(hf_dir / "sft" / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir / "hf").eval()
+    idx = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():  # adapters moved the model away from where it started
+        assert (merged(idx) - hf(idx).logits).abs().max() > 1e-4

@@ -1,1 +1,3 @@
-"""Alignment stages (SFT, LoRA, reward models, DPO) on the same model, kernels and parallel backend."""
+"""Alignment on the same model, kernels, trainer and parallel backend: SFT, LoRA, reward models,
+DPO (trainer tasks for `tessera sft | rm | dpo`), and PPO and GRPO (library trainers).
+"""

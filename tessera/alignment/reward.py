@@ -30,7 +30,7 @@ class RewardModel(nn.Module):
     def forward(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """One reward per row (B,), read at the row's last masked (response) token."""
         h = self.body.hidden_states(tokens)
-        last = loss_mask.shape[1] - 1 - loss_mask.flip(1).argmax(dim=1)
+        last = loss_mask.shape[1] - 1 - loss_mask.long().flip(1).argmax(dim=1)
         return self.value_head(h[torch.arange(h.shape[0]), last]).squeeze(-1).float()
 
 

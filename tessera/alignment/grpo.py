@@ -1,0 +1,150 @@
+"""GRPO (DeepSeekMath, Shao et al. 2024): PPO without a value model. Every prompt is answered
+`group_size` times; a response's advantage is its reward against the mean and std of its own
+group (`losses.group_advantages`), given to all of its tokens.
+
+The objective per response token is PPO's clipped surrogate plus `kl_coef` times the k3
+estimator of KL(pi || pi_ref), exp(ref - logp) - (ref - logp) - 1, as in DeepSeek's GRPO: the
+KL is a loss term rather than a reward penalty (the group baseline would cancel a per-sequence
+one), and k3 is unbiased, never negative, and low in variance when the two policies are close.
+Both terms are averaged over all response tokens of a mini-batch (token-level, as DAPO does)
+rather than per sequence first, so long responses are not down-weighted.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tessera.alignment.losses import group_advantages, masked_mean, ppo_policy_loss
+from tessera.alignment.ppo import optimizer_step, trainable_parameters
+from tessera.alignment.reward import RewardModel
+from tessera.alignment.rollout import RewardFn, generate_rollouts, policy_logprobs, score
+from tessera.core.model import Transformer
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    group_size: int = 8  # samples per prompt
+    mini_batch_size: int = 0  # rows per optimizer step; 0: the whole batch (prompts x group_size)
+    epochs: int = 1  # passes over each batch (GRPO's mu); 1 with whole-batch steps: plain policy gradient
+    clip: float = 0.2
+    kl_coef: float = 0.04  # beta
+    max_grad_norm: float | None = 1.0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"grpo.group_size={self.group_size} must be >= 2: advantages are relative to the group")
+        for name in ("epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name}={getattr(self, name)} must be >= 1")
+        if self.mini_batch_size < 0:
+            raise ValueError(f"grpo.mini_batch_size={self.mini_batch_size} must be >= 0 (0: the whole batch)")
+        if self.clip <= 0 or self.kl_coef < 0 or self.temperature <= 0:
+            raise ValueError(f"grpo.clip={self.clip} and grpo.temperature={self.temperature} must be > 0, "
+                             f"grpo.kl_coef={self.kl_coef} >= 0")
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from the sampled tokens' log-probs."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """One batch of groups: `tokens`, `response_mask` (B, S); the rest in (B, S - 1) action coordinates."""
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantages: torch.Tensor
+    order: torch.Tensor  # the rows' mini-batch order of the first epoch, the order they were scored in
+    mini_batch_size: int
+
+
+class GRPOTrainer:
+    """GRPO over a policy, a frozen reference and a reward (model or function); the optimizer(s)
+    come from outside and must cover the policy's trainable parameters. Models stay in eval
+    mode (no dropout), so an unchanged policy reproduces its rollout log-probs exactly."""
+
+    def __init__(self, policy: Transformer, reference: Transformer, reward: RewardModel | RewardFn,
+                 optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: GRPOConfig,
+                 eos_id: int | None = None, pad_id: int = 0):
+        if reference is policy:
+            raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
+        self.policy, self.reference, self.reward = policy, reference, reward
+        self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        self.cfg, self.eos_id, self.pad_id = cfg, eos_id, pad_id
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.params = trainable_parameters({"policy": policy}, self.optimizers)
+
+    @torch.no_grad()
+    def collect(self, prompts: Sequence[Sequence[int]]) -> tuple[GroupBatch, dict[str, float]]:
+        """Sample `group_size` responses per prompt, score them and compute their advantages; the
+        old and reference log-probs are computed in the first epoch's mini-batches, so the first
+        mini-batch sees its rollout numbers reproduced exactly."""
+        cfg = self.cfg
+        rows = len(prompts) * cfg.group_size
+        mini = cfg.mini_batch_size or rows
+        if rows % mini:
+            raise ValueError(f"grpo.mini_batch_size={mini} must divide prompts x group_size = {rows}")
+        self.policy.eval()
+        self.reference.eval()
+        rollout = generate_rollouts(self.policy, [p for p in prompts for _ in range(cfg.group_size)],
+                                    cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id, self.generator)
+        scores = score(rollout, self.reward)
+        mask = rollout.action_mask
+        order = torch.randperm(rows, generator=self.generator).to(mask.device)
+        old_logp, ref_logp = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
+        for idx in order.split(mini):
+            tokens, response_mask = rollout.tokens[idx], rollout.response_mask[idx]
+            old_logp[idx] = policy_logprobs(self.policy, tokens, response_mask, cfg.temperature)[0]
+            ref_logp[idx] = policy_logprobs(self.reference, tokens, response_mask, cfg.temperature)[0]
+        advantages = group_advantages(scores, cfg.group_size)[:, None] * mask
+        groups = scores.view(-1, cfg.group_size)
+        metrics = {"reward": scores.mean().item(), "reward_std": scores.std().item(),
+                   "flat_groups": (groups == groups[:, :1]).all(1).float().mean().item(),
+                   "kl": ((old_logp - ref_logp) * mask).sum(1).mean().item(),
+                   "response_len": mask.sum(1).float().mean().item()}
+        return GroupBatch(rollout.tokens, rollout.response_mask, old_logp, ref_logp, advantages, order, mini), metrics
+
+    def update(self, batch: GroupBatch) -> list[dict[str, float]]:
+        """`epochs` passes of clipped steps with the KL term; the metrics of every mini-batch."""
+        cfg, history = self.cfg, []
+        for epoch in range(cfg.epochs):
+            order = batch.order if epoch == 0 else torch.randperm(len(batch.order), generator=self.generator).to(
+                batch.order.device)
+            for idx in order.split(batch.mini_batch_size):
+                mask = batch.response_mask[idx, 1:]
+                logp, entropy = policy_logprobs(self.policy, batch.tokens[idx], batch.response_mask[idx],
+                                                cfg.temperature)
+                policy_loss, stats = ppo_policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, cfg.clip)
+                kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
+                optimizer_step(policy_loss + cfg.kl_coef * kl_loss, self.params, self.optimizers, cfg.max_grad_norm)
+                ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]
+                history.append({"policy_loss": policy_loss.item(), "kl_loss": kl_loss.item(),
+                                "clipfrac": stats["clipfrac"].item(),
+                                "entropy": masked_mean(entropy.detach(), mask).item(),
+                                "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()})
+        return history
+
+    def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One GRPO iteration: collect, then update.
+
+        Metrics: `reward` (mean score), `reward_std`, `flat_groups` (the fraction of groups whose
+        rewards are all equal: they have no advantage and teach nothing), `kl` (mean per-sequence
+        sum of log pi - log pi_ref before the update, as PPO reports it), `response_len`;
+        mini-batch means of `policy_loss`, `kl_loss` (per-token k3), `clipfrac`, `entropy`;
+        `ratio_min`/`ratio_max` over all mini-batches.
+        """
+        batch, metrics = self.collect(prompts)
+        history = self.update(batch)
+        for key in ("policy_loss", "kl_loss", "clipfrac", "entropy"):
+            metrics[key] = sum(h[key] for h in history) / len(history)
+        metrics["ratio_min"] = min(h["ratio_min"] for h in history)
+        metrics["ratio_max"] = max(h["ratio_max"] for h in history)
+        return metrics

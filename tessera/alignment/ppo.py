@@ -1,0 +1,248 @@
+"""PPO for RLHF (Ziegler et al. 2019, InstructGPT): sample responses, score them, penalise each
+token's divergence from a frozen reference, estimate advantages with a value model (GAE), and
+take several clipped policy/value steps on mini-batches of every rollout batch.
+
+The value model is separate from the policy (`ValueModel`: a Transformer body with a per-token
+scalar head), as in InstructGPT, rather than a head on the policy body: the value loss then
+cannot pull the policy's features, it can start from the reward model (`from_reward_model`),
+and policy, reference, reward and value models are four plain modules that parallelism
+spreads alike. The cost is a second forward and backward per mini-batch.
+
+Models stay in eval mode throughout (no dropout), so that an unchanged policy reproduces its
+rollout log-probs exactly.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tessera.alignment.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
+from tessera.alignment.reward import RewardModel
+from tessera.alignment.rollout import RewardFn, generate_rollouts, last_response_index, policy_logprobs, score
+from tessera.core.model import Transformer
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    rollout_batch: int = 64  # prompts (and so responses) per step
+    mini_batch_size: int = 16  # rows per optimizer step; divides rollout_batch
+    ppo_epochs: int = 4  # passes over each rollout batch
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # how far a value may move from its rollout value before it is clipped
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.1  # initial coefficient of the per-token KL penalty
+    kl_target: float | None = 6.0  # per-sequence KL the adaptive controller aims at; None: fixed coefficient
+    kl_horizon: int = 10000  # samples over which the adaptive controller closes the gap
+    whiten_advantages: bool = True
+    vf_coef: float = 0.1
+    max_grad_norm: float | None = 1.0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("rollout_batch", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")
+        if self.rollout_batch % self.mini_batch_size:
+            raise ValueError(f"ppo.mini_batch_size={self.mini_batch_size} must divide "
+                             f"ppo.rollout_batch={self.rollout_batch}")
+        if self.clip <= 0 or self.value_clip <= 0:
+            raise ValueError(f"ppo.clip={self.clip} and ppo.value_clip={self.value_clip} must be > 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"ppo.gamma={self.gamma} and ppo.lam={self.lam} must be in [0, 1]")
+        if self.kl_coef < 0:
+            raise ValueError(f"ppo.kl_coef={self.kl_coef} must be >= 0")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ValueError(f"ppo.kl_target={self.kl_target} must be > 0 (or None for a fixed coefficient)")
+        if self.temperature <= 0:
+            raise ValueError(f"ppo.temperature={self.temperature} must be > 0")
+
+
+class KLController:
+    """The KL coefficient: fixed when `target` is None, else Ziegler et al.'s adaptive controller,
+    which moves it proportionally to the relative error of the measured KL (clipped to +-20%),
+    scaled by the samples seen over `horizon`."""
+
+    def __init__(self, coef: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_samples / self.horizon
+        return self.value
+
+
+class ValueModel(nn.Module):
+    """Per-token values: a Transformer body (its LM head unused) and a scalar head at every position."""
+
+    def __init__(self, body: Transformer):
+        super().__init__()
+        self.body = body
+        self.value_head = nn.Linear(body.cfg.d_model, 1)
+        nn.init.normal_(self.value_head.weight, std=1 / (body.cfg.d_model + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_reward_model(cls, reward_model: RewardModel) -> ValueModel:
+        """A value model starting from a copy of the reward model's body and head (InstructGPT)."""
+        model = cls(copy.deepcopy(reward_model.body))
+        model.value_head.load_state_dict(reward_model.value_head.state_dict())
+        return model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) float values, the value at t being that of the state before token t + 1."""
+        return self.value_head(self.body.hidden_states(tokens)).squeeze(-1).float()
+
+
+def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, action_mask: torch.Tensor,
+                  kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (B, S - 1): -kl_coef * (log pi - log pi_ref) at every response token and
+    the sequence's score added at its last one; also the per-token KL estimate itself."""
+    kl = (logp - ref_logp) * action_mask
+    rewards = -kl_coef * kl
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_response_index(action_mask)] += scores
+    return rewards, kl
+
+
+def trainable_parameters(models: dict[str, nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+                         ) -> list[nn.Parameter]:
+    """The models' trainable parameters; ValueError naming any that no optimizer steps."""
+    stepped = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    params, missing = [], []
+    for who, model in models.items():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                params.append(p)
+                if id(p) not in stepped:
+                    missing.append(f"{who}.{name}")
+    if missing:
+        more = " ..." if len(missing) > 4 else ""
+        raise ValueError(f"no optimizer steps these trainable parameters: {missing[:4]}{more}")
+    return params
+
+
+def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer],
+                   max_grad_norm: float | None) -> None:
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    for opt in optimizers:
+        opt.step()
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One rollout batch with everything the PPO epochs need, in (B, S - 1) action coordinates
+    except `tokens` and `response_mask` (B, S)."""
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    order: torch.Tensor  # the rows' mini-batch order of the first epoch, the order they were scored in
+
+
+class PPOTrainer:
+    """PPO over a policy, a frozen reference, a value model and a reward (model or function).
+
+    The optimizer(s) come from outside and must cover the trainable parameters of the policy
+    and the value model (one optimizer over both, or one each); with LoRA only the adapters are
+    trainable, and only they are clipped and stepped.
+    """
+
+    def __init__(self, policy: Transformer, reference: Transformer, value_model: ValueModel,
+                 reward: RewardModel | RewardFn, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0):
+        if reference is policy:
+            raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
+        self.policy, self.reference, self.value_model, self.reward = policy, reference, value_model, reward
+        self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        self.cfg, self.eos_id, self.pad_id = cfg, eos_id, pad_id
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.params = trainable_parameters({"policy": policy, "value_model": value_model}, self.optimizers)
+
+    @torch.no_grad()
+    def collect(self, prompts: Sequence[Sequence[int]]) -> tuple[Experience, dict[str, float]]:
+        """Generate and score one rollout batch; old log-probs, reference log-probs and values
+        are computed in the first epoch's mini-batches, so that the first mini-batch sees its
+        rollout numbers reproduced exactly."""
+        cfg = self.cfg
+        if len(prompts) != cfg.rollout_batch:
+            raise ValueError(f"got {len(prompts)} prompts; ppo.rollout_batch={cfg.rollout_batch}")
+        for m in (self.policy, self.reference, self.value_model):
+            m.eval()
+        rollout = generate_rollouts(self.policy, prompts, cfg.max_new_tokens, cfg.temperature, self.eos_id,
+                                    self.pad_id, self.generator)
+        scores = score(rollout, self.reward)
+        order = torch.randperm(len(prompts), generator=self.generator).to(rollout.tokens.device)
+        logp, ref_logp, values = (torch.zeros(rollout.action_mask.shape, device=rollout.tokens.device)
+                                  for _ in range(3))
+        for idx in order.split(cfg.mini_batch_size):
+            tokens, mask = rollout.tokens[idx], rollout.response_mask[idx]
+            logp[idx] = policy_logprobs(self.policy, tokens, mask, cfg.temperature)[0]
+            ref_logp[idx] = policy_logprobs(self.reference, tokens, mask, cfg.temperature)[0]
+            values[idx] = self.value_model(tokens)[:, :-1]
+        action_mask = rollout.action_mask
+        rewards, kl = token_rewards(scores, logp, ref_logp, action_mask, self.kl_ctl.value)
+        advantages, returns = gae(rewards, values, action_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, action_mask) * action_mask
+        metrics = {"reward": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                   "kl": kl.sum(1).mean().item(), "kl_coef": self.kl_ctl.value,
+                   "response_len": action_mask.sum(1).float().mean().item()}
+        return Experience(rollout.tokens, rollout.response_mask, logp, values, advantages, returns, order), metrics
+
+    def update(self, exp: Experience) -> list[dict[str, float]]:
+        """`ppo_epochs` passes of clipped policy and value steps; the metrics of every mini-batch."""
+        cfg, history = self.cfg, []
+        for epoch in range(cfg.ppo_epochs):
+            order = exp.order if epoch == 0 else torch.randperm(len(exp.order), generator=self.generator).to(
+                exp.order.device)
+            for idx in order.split(cfg.mini_batch_size):
+                history.append(self._minibatch(exp, idx))
+        return history
+
+    def _minibatch(self, exp: Experience, idx: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        tokens, response_mask = exp.tokens[idx], exp.response_mask[idx]
+        mask = response_mask[:, 1:]
+        logp, entropy = policy_logprobs(self.policy, tokens, response_mask, cfg.temperature)
+        values = self.value_model(tokens)[:, :-1]
+        policy_loss, stats = ppo_policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.clip)
+        value_loss = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip)
+        loss = policy_loss + cfg.vf_coef * value_loss
+        optimizer_step(loss, self.params, self.optimizers, cfg.max_grad_norm)
+        ratio = torch.exp(logp - exp.old_logp[idx]).detach()[mask]
+        return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                "clipfrac": stats["clipfrac"].item(), "approx_kl": stats["approx_kl"].item(),
+                "entropy": masked_mean(entropy.detach(), mask).item(),
+                "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()}
+
+    def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One PPO iteration: collect, update, then move the KL coefficient by the rollout's KL.
+
+        Metrics: rollout `reward` (mean score), `reward_std`, `kl` (mean per-sequence sum of
+        log pi - log pi_ref over the response, before the update), `kl_coef` (the one used),
+        `response_len`; mini-batch means of `policy_loss`, `value_loss`, `clipfrac`, `approx_kl`,
+        `entropy`; `ratio_min`/`ratio_max` over all mini-batches.
+        """
+        exp, metrics = self.collect(prompts)
+        history = self.update(exp)
+        for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy"):
+            metrics[key] = sum(h[key] for h in history) / len(history)
+        metrics["ratio_min"] = min(h["ratio_min"] for h in history)
+        metrics["ratio_max"] = max(h["ratio_max"] for h in history)
+        self.kl_ctl.update(metrics["kl"], len(prompts))
+        return metrics

@@ -1,0 +1,105 @@
+"""Rollouts for RL fine-tuning (PPO, GRPO): responses sampled from the policy with the KV cache,
+scored by a reward model or a Python function, and the sampled tokens' log-probs recomputed.
+
+Generation left-pads the prompts (core.generate); the rollout is laid out right-padded instead
+(prompt, response, padding in every row), as DPO and the reward model read their rows: causal
+attention never lets a real token see the trailing padding, positions count from 0 as in
+training, and `RewardModel` and the value model take the rows without a padding mask.
+
+Log-probs are not threaded through `generate`: one forward pass over prompt + response gives
+them for old policy, new policy and reference alike, so all three come from the same
+computation (an unchanged policy has a ratio of exactly 1).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tessera.alignment.losses import sequence_logprobs
+from tessera.alignment.reward import RewardModel
+from tessera.core.generate import Sampling, generate_tokens
+from tessera.core.model import Transformer
+
+RewardFn = Callable[[list[int], list[int]], float]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    tokens: torch.Tensor  # (B, S) prompt, response, then pad_id
+    response_mask: torch.Tensor  # (B, S) bool: True on the response tokens (a sampled eos included)
+    prompt_lens: torch.Tensor  # (B,)
+    prompts: list[list[int]]
+    responses: list[list[int]]
+
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """(B, S - 1): the response tokens as predictions (position t predicts token t + 1),
+        aligned with `sequence_logprobs` and with per-position values[:, :-1]."""
+        return self.response_mask[:, 1:]
+
+
+def generate_rollouts(policy: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      temperature: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+                      generator: torch.Generator | None = None) -> Rollout:
+    """Sample one response per prompt (stopping at `eos_id`) and lay them out right-padded.
+
+    `generator` seeds the sampling: each call draws a fresh seed from it, so successive batches
+    differ while a run stays reproducible.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("rollouts need a non-empty list of non-empty prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0: RL needs the sampling distribution's log-probs")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > policy.cfg.max_seq_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceed the "
+                         f"model's max_seq_len={policy.cfg.max_seq_len}")
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    responses = generate_tokens(policy, prompts, max_new_tokens, sampling=Sampling(temperature=temperature),
+                                stop_ids=() if eos_id is None else (eos_id,), pad_id=pad_id, seed=seed)
+    device = next(policy.parameters()).device
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, :len(p) + len(r)] = torch.tensor([*p, *r], device=device)
+        mask[i, len(p):len(p) + len(r)] = True
+    return Rollout(tokens, mask, torch.tensor([len(p) for p in prompts], device=device),
+                   [list(p) for p in prompts], responses)
+
+
+def policy_logprobs(model: nn.Module, tokens: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the sampled response tokens and the policy's entropy where it predicts them,
+    both (B, S - 1) and 0 elsewhere. Logits are divided by the sampling temperature, so these are
+    the log-probs of the distribution the tokens were drawn from."""
+    logits = model(tokens) / temperature
+    logp = sequence_logprobs(logits, tokens, response_mask)
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) * response_mask[:, 1:]
+    return logp, entropy
+
+
+def last_response_index(action_mask: torch.Tensor) -> torch.Tensor:
+    """Index of every row's last response position in (B, S - 1) action coordinates."""
+    if not bool(action_mask.any(dim=1).all()):
+        raise ValueError("every rollout row needs at least one response token")
+    return action_mask.shape[1] - 1 - action_mask.long().flip(1).argmax(dim=1)
+
+
+@torch.no_grad()
+def score(rollout: Rollout, reward: RewardModel | RewardFn) -> torch.Tensor:
+    """One scalar reward per row (B,), float32: the reward model read at the last response token,
+    or `reward(prompt_tokens, response_tokens)` for every row."""
+    if isinstance(reward, RewardModel):
+        reward.eval()
+        return reward(rollout.tokens, rollout.response_mask.long()).float()
+    if not callable(reward):
+        raise ValueError(f"reward must be a RewardModel or a function (prompt, response) -> float, not {type(reward)}")
+    values = [float(reward(p, r)) for p, r in zip(rollout.prompts, rollout.responses)]
+    return torch.tensor(values, dtype=torch.float32, device=rollout.tokens.device)
