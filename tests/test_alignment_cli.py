@@ -37,7 +37,7 @@ def work(tmp_path_factory):
     from tessera.core.tokenizer import train_char
 
     root = tmp_path_factory.mktemp("align")
-    train_char([LETTERS + LETTERS.upper() + DEFAULT_CHAT_TEMPLATE + "say:#\n ,.reverse"]).save(root / "tok")
+    train_char([LETTERS + LETTERS.upper() + DEFAULT_CHAT_TEMPLATE + "say:#\n ,.reverseAnswer"]).save(root / "tok")
     seen = words(192, 0)
     held = [w for w in words(64, 1) if w not in set(seen)][:32]
     pair = lambda w: {"prompt": f"say {w}", "chosen": w.upper(), "rejected": w}  # noqa: E731
@@ -45,6 +45,8 @@ def work(tmp_path_factory):
     write_jsonl(root / "pairs_val.jsonl", [pair(w) for w in held])
     write_jsonl(root / "sft.jsonl", [{"instruction": f"reverse {w}", "output": w[::-1]} for w in seen])
     write_jsonl(root / "sft_val.jsonl", [{"instruction": f"reverse {w}", "output": w[::-1]} for w in held])
+    write_jsonl(root / "fmt.jsonl", [{"instruction": f"say {w}", "output": f"Answer: {w}."} for w in seen])
+    write_jsonl(root / "fmt_val.jsonl", [{"instruction": f"say {w}", "output": f"Answer: {w}."} for w in held])
     (root / "empty.toml").write_text("")
     return root
 
@@ -92,7 +94,32 @@ def test_dpo_on_two_fsdp_ranks_matches_one_process(work):
     assert max(abs(a - b) / abs(a) for a, b in zip(l1, l2)) < 1e-4, (l1, l2)
 
 
-def test_sft_with_lora_learns_the_format_and_exports(work):
+def format_rate(work, ckpt) -> float:
+    """Share of held-out prompts whose greedy response follows the format ("Answer: ...")."""
+    from tessera.alignment.sft_data import DEFAULT_CHAT_TEMPLATE, render
+    from tessera.core.checkpoint import load_model_from_checkpoint
+    from tessera.core.generate import generate_tokens
+    from tessera.core.tokenizer import load_tokenizer
+
+    model, tok = load_model_from_checkpoint(ckpt), load_tokenizer(work / "tok")
+    records = [json.loads(line) for line in (work / "fmt_val.jsonl").read_text().splitlines()]
+    prompts = [tok.encode(render(DEFAULT_CHAT_TEMPLATE, [{"role": "user", "content": r["instruction"]}], True))
+               for r in records]
+    outputs = [tok.decode(generate_tokens(model, [p], 10, stop_ids=[tok.eos_id])[0]) for p in prompts]
+    return sum(o.startswith("Answer: ") for o in outputs) / len(outputs)
+
+
+def test_sft_learns_the_response_format(work):
+    stage(work, "sft", "fmt0", "fmt.jsonl", "fmt_val.jsonl", "--train.steps=1", "--optim.lr=1e-9",
+          "--optim.min_lr=0.0", "--model.max_seq_len=128", "--train.seq_len=96", "--eval.every=0")
+    records = stage(work, "sft", "fmt", "fmt.jsonl", "fmt_val.jsonl", "--train.steps=200", "--train.batch_size=4",
+                    "--optim.lr=1e-2", "--model.max_seq_len=128", "--train.seq_len=96", "--eval.every=100",
+                    "--eval.batches=2")
+    assert format_rate(work, work / "fmt0") == 0.0
+    assert format_rate(work, work / "fmt") >= 0.9, records[-1]
+
+
+def test_sft_with_lora_trains_adapters_and_exports(work):
     records = stage(work, "sft", "sft", "sft.jsonl", "sft_val.jsonl", "--train.steps=60", "--train.batch_size=8",
                     "--eval.every=30", "--eval.batches=2", "--lora.r=8", "--lora.alpha=16.0", "--optim.lr=1e-2")
     val = [r["val_loss"] for r in records if "val_loss" in r]
@@ -109,3 +136,21 @@ def test_bad_records_name_file_and_line(work):
                            f"--data.path={json.dumps(str(bad))}", f"--data.tokenizer={json.dumps(str(work / 'tok'))}",
                            f"--train.run_dir={json.dumps(str(work / 'bad'))}"], capture_output=True, text=True)
     assert proc.returncode == 2 and "bad.jsonl:2: missing field(s) ['chosen', 'rejected']" in proc.stderr
+
+
+def test_dpo_launched_through_tessera_launch_on_two_local_ranks(work):
+    overrides = {"data.path": str(work / "pairs.jsonl"), "data.tokenizer": str(work / "tok"),
+                 "train.run_dir": str(work / "launched"), "train.steps": 4, "train.batch_size": 8,
+                 "eval.every": 0, "log.progress": False, "model.n_layers": 1, "model.d_model": 32,
+                 "model.n_heads": 2, "model.max_seq_len": 64, "train.seq_len": 48}
+    lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides.items())
+    launch = work / "launch.toml"
+    launch.write_text(f'[job]\nbackend = "local"\nname = "dpo-tiny"\nnproc_per_node = 2\n'
+                      f'output_dir = {json.dumps(str(work / "jobs"))}\n[parallel]\ndp_shard = 2\n'
+                      f'[recipe]\ncommand = "dpo"\npath = {json.dumps(str(work / "empty.toml"))}\n'
+                      f'[recipe.overrides]\n{lines}')
+    dry = tessera("launch", launch, "--dry-run")
+    assert "-m tessera dpo" in dry and "--nproc_per_node" in dry
+    tessera("launch", launch)
+    last = read_metrics(work / "launched")[-1]
+    assert last["step"] == 4 and 0 <= last["accuracy"] <= 1

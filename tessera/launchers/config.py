@@ -64,7 +64,8 @@ class JobConfig:
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    path: str = ""  # a `tessera train` config, relative to the directory `tessera launch` runs in
+    command: Literal["train", "sft", "rm", "dpo", "ppo", "grpo"] = "train"  # the stage that runs the recipe
+    path: str = ""  # its config, relative to the directory `tessera launch` runs in
     overrides: tuple[str, ...] = ()  # `--section.key=value` for the recipe
 
 

@@ -25,8 +25,9 @@ def resumes(cfg: LaunchConfig) -> bool:
 
 
 def train_args(cfg: LaunchConfig) -> list[str]:
-    """`-m tessera train RECIPE --k=v ...`, with `--checkpoint.resume=auto` when the run may restart."""
-    args = ["-m", "tessera", "train", cfg.recipe.path, *cfg.train_overrides()]
+    """`-m tessera train RECIPE --k=v ...` (or the recipe's alignment stage: sft, rm, dpo, ...), with
+    `--checkpoint.resume=auto` when the run may restart."""
+    args = ["-m", "tessera", cfg.recipe.command, cfg.recipe.path, *cfg.train_overrides()]
     return [*args, "--checkpoint.resume=auto"] if resumes(cfg) else args
 
 
