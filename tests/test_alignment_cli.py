@@ -1,7 +1,7 @@
 """`tessera sft | rm | dpo` end to end on checkable tasks, and DPO on 2 FSDP ranks against one process.
 
 The preference: an answer in capitals beats the same answer in lower case; held-out pairs use
-words never seen in training. SFT teaches a format rule (answer = the word, reversed).
+words never seen in training. SFT teaches a format rule (answers begin "Answer: ").
 """
 import json
 import os
