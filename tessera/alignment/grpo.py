@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.alignment.losses import group_advantages, masked_mean, ppo_policy_loss
-from tessera.alignment.ppo import optimizer_step, trainable_parameters
+from tessera.alignment.ppo import LossScale, no_scale, optimizer_step, trainable_parameters
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rollout import RewardFn, generate_rollouts, policy_logprobs, score
 from tessera.core.model import Transformer
@@ -69,11 +69,16 @@ class GroupBatch:
 class GRPOTrainer:
     """GRPO over a policy, a frozen reference and a reward (model or function); the optimizer(s)
     come from outside and must cover the policy's trainable parameters. Models stay in eval
-    mode (no dropout), so an unchanged policy reproduces its rollout log-probs exactly."""
+    mode (no dropout), so an unchanged policy reproduces its rollout log-probs exactly.
+
+    `loss_scale(mask)` multiplies a mini-batch's token means (loss and metrics); on data-parallel
+    ranks, whose gradients and metrics are averaged, it is the mini-batch's share of all ranks'
+    tokens times the rank count (`rl_run.token_share`), so a step is that of the mean over all tokens.
+    """
 
     def __init__(self, policy: Transformer, reference: Transformer, reward: RewardModel | RewardFn,
                  optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: GRPOConfig,
-                 eos_id: int | None = None, pad_id: int = 0):
+                 eos_id: int | None = None, pad_id: int = 0, loss_scale: LossScale | None = None):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.reward = policy, reference, reward
@@ -81,12 +86,15 @@ class GRPOTrainer:
         self.cfg, self.eos_id, self.pad_id = cfg, eos_id, pad_id
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.params = trainable_parameters({"policy": policy}, self.optimizers)
+        self.loss_scale = loss_scale or no_scale
 
     @torch.no_grad()
-    def collect(self, prompts: Sequence[Sequence[int]]) -> tuple[GroupBatch, dict[str, float]]:
-        """Sample `group_size` responses per prompt, score them and compute their advantages; the
-        old and reference log-probs are computed in the first epoch's mini-batches, so the first
-        mini-batch sees its rollout numbers reproduced exactly."""
+    def collect(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None
+                ) -> tuple[GroupBatch, dict[str, float]]:
+        """Sample `group_size` responses per prompt (each group from its prompt's seed when `seeds`
+        are given, see `generate_rollouts`), score them and compute their advantages; the old and
+        reference log-probs are computed in the first epoch's mini-batches, so the first mini-batch
+        sees its rollout numbers reproduced exactly."""
         cfg = self.cfg
         rows = len(prompts) * cfg.group_size
         mini = cfg.mini_batch_size or rows
@@ -95,7 +103,8 @@ class GRPOTrainer:
         self.policy.eval()
         self.reference.eval()
         rollout = generate_rollouts(self.policy, [p for p in prompts for _ in range(cfg.group_size)],
-                                    cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id, self.generator)
+                                    cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id, self.generator,
+                                    None if seeds is None else [s for s in seeds for _ in range(cfg.group_size)])
         scores = score(rollout, self.reward)
         mask = rollout.action_mask
         order = torch.randperm(rows, generator=self.generator).to(mask.device)
@@ -124,11 +133,13 @@ class GRPOTrainer:
                                                 cfg.temperature)
                 policy_loss, stats = ppo_policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, cfg.clip)
                 kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
-                optimizer_step(policy_loss + cfg.kl_coef * kl_loss, self.params, self.optimizers, cfg.max_grad_norm)
+                scale = self.loss_scale(mask)
+                optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
+                               cfg.max_grad_norm)
                 ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]
-                history.append({"policy_loss": policy_loss.item(), "kl_loss": kl_loss.item(),
-                                "clipfrac": stats["clipfrac"].item(),
-                                "entropy": masked_mean(entropy.detach(), mask).item(),
+                history.append({"policy_loss": policy_loss.item() * scale, "kl_loss": kl_loss.item() * scale,
+                                "clipfrac": stats["clipfrac"].item() * scale,
+                                "entropy": masked_mean(entropy.detach(), mask).item() * scale,
                                 "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()})
         return history
 

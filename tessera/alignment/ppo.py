@@ -14,7 +14,7 @@ rollout log-probs exactly.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,14 @@ from tessera.alignment.losses import gae, masked_mean, ppo_policy_loss, ppo_valu
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rollout import RewardFn, generate_rollouts, last_response_index, policy_logprobs, score
 from tessera.core.model import Transformer
+
+
+LossScale = Callable[[torch.Tensor], float]  # a mini-batch's response mask -> factor on its token means
+
+
+def no_scale(mask: torch.Tensor) -> float:
+    """One process: a mini-batch's token means are the step's."""
+    return 1.0
 
 
 @dataclass(frozen=True)
@@ -158,12 +166,12 @@ class PPOTrainer:
 
     The optimizer(s) come from outside and must cover the trainable parameters of the policy
     and the value model (one optimizer over both, or one each); with LoRA only the adapters are
-    trainable, and only they are clipped and stepped.
+    trainable, and only they are clipped and stepped. `loss_scale` as in `GRPOTrainer`.
     """
 
     def __init__(self, policy: Transformer, reference: Transformer, value_model: ValueModel,
                  reward: RewardModel | RewardFn, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0):
+                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0, loss_scale: LossScale | None = None):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.value_model, self.reward = policy, reference, value_model, reward
@@ -172,19 +180,21 @@ class PPOTrainer:
         self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.params = trainable_parameters({"policy": policy, "value_model": value_model}, self.optimizers)
+        self.loss_scale = loss_scale or no_scale
 
     @torch.no_grad()
-    def collect(self, prompts: Sequence[Sequence[int]]) -> tuple[Experience, dict[str, float]]:
-        """Generate and score one rollout batch; old log-probs, reference log-probs and values
-        are computed in the first epoch's mini-batches, so that the first mini-batch sees its
-        rollout numbers reproduced exactly."""
+    def collect(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None
+                ) -> tuple[Experience, dict[str, float]]:
+        """Generate (from a seed per prompt when `seeds` are given) and score one rollout batch; old
+        log-probs, reference log-probs and values are computed in the first epoch's mini-batches,
+        so that the first mini-batch sees its rollout numbers reproduced exactly."""
         cfg = self.cfg
         if len(prompts) != cfg.rollout_batch:
             raise ValueError(f"got {len(prompts)} prompts; ppo.rollout_batch={cfg.rollout_batch}")
         for m in (self.policy, self.reference, self.value_model):
             m.eval()
         rollout = generate_rollouts(self.policy, prompts, cfg.max_new_tokens, cfg.temperature, self.eos_id,
-                                    self.pad_id, self.generator)
+                                    self.pad_id, self.generator, seeds)
         scores = score(rollout, self.reward)
         order = torch.randperm(len(prompts), generator=self.generator).to(rollout.tokens.device)
         logp, ref_logp, values = (torch.zeros(rollout.action_mask.shape, device=rollout.tokens.device)
@@ -222,12 +232,13 @@ class PPOTrainer:
         values = self.value_model(tokens)[:, :-1]
         policy_loss, stats = ppo_policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.clip)
         value_loss = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip)
-        loss = policy_loss + cfg.vf_coef * value_loss
-        optimizer_step(loss, self.params, self.optimizers, cfg.max_grad_norm)
+        scale = self.loss_scale(mask)
+        optimizer_step((policy_loss + cfg.vf_coef * value_loss) * scale, self.params, self.optimizers,
+                       cfg.max_grad_norm)
         ratio = torch.exp(logp - exp.old_logp[idx]).detach()[mask]
-        return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-                "clipfrac": stats["clipfrac"].item(), "approx_kl": stats["approx_kl"].item(),
-                "entropy": masked_mean(entropy.detach(), mask).item(),
+        return {"policy_loss": policy_loss.item() * scale, "value_loss": value_loss.item() * scale,
+                "clipfrac": stats["clipfrac"].item() * scale, "approx_kl": stats["approx_kl"].item() * scale,
+                "entropy": masked_mean(entropy.detach(), mask).item() * scale,
                 "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()}
 
     def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:

@@ -6,14 +6,13 @@ response tokens.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tessera.alignment.sft_data import encode
-from tessera.core.data import DataError
+from tessera.core.data.jsonl import read_records
 from tessera.core.tokenizer import Tokenizer
 
 
@@ -38,23 +37,7 @@ def encode_pair(tokenizer: Tokenizer, template: str, record: dict, seq_len: int)
 
 def read_pairs(path: str | Path, tokenizer: Tokenizer, template: str, seq_len: int,
                on_error: str = "raise") -> tuple[list[Pair], int]:
-    pairs, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("a line must hold one JSON object")
-                pairs.append(encode_pair(tokenizer, template, record, seq_len))
-            except (ValueError, json.JSONDecodeError) as e:
-                if on_error != "skip":
-                    raise DataError(f"{path}:{lineno}: {e}") from None
-                skipped += 1
-    if not pairs:
-        raise DataError(f"{path}: no usable pairs")
-    return pairs, skipped
+    return read_records(path, lambda record: encode_pair(tokenizer, template, record, seq_len), on_error, "pairs")
 
 
 def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:

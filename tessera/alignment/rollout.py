@@ -43,11 +43,13 @@ class Rollout:
 
 def generate_rollouts(policy: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       temperature: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
-                      generator: torch.Generator | None = None) -> Rollout:
+                      generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> Rollout:
     """Sample one response per prompt (stopping at `eos_id`) and lay them out right-padded.
 
     `generator` seeds the sampling: each call draws a fresh seed from it, so successive batches
-    differ while a run stays reproducible.
+    differ while a run stays reproducible. With `seeds` (one per prompt) instead, the prompts that
+    share a seed (a GRPO group) are sampled as a batch of their own seeded with it, so a response
+    does not depend on the other prompts of the batch, nor on how a run deals prompts to ranks.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("rollouts need a non-empty list of non-empty prompts")
@@ -59,9 +61,21 @@ def generate_rollouts(policy: Transformer, prompts: Sequence[Sequence[int]], max
     if longest + max_new_tokens > policy.cfg.max_seq_len:
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceed the "
                          f"model's max_seq_len={policy.cfg.max_seq_len}")
-    seed = int(torch.randint(2**62, (1,), generator=generator))
-    responses = generate_tokens(policy, prompts, max_new_tokens, sampling=Sampling(temperature=temperature),
-                                stop_ids=() if eos_id is None else (eos_id,), pad_id=pad_id, seed=seed)
+
+    def sample(batch: list[Sequence[int]], seed: int) -> list[list[int]]:
+        return generate_tokens(policy, batch, max_new_tokens, sampling=Sampling(temperature=temperature),
+                               stop_ids=() if eos_id is None else (eos_id,), pad_id=pad_id, seed=seed)
+
+    if seeds is None:
+        responses = sample(list(prompts), int(torch.randint(2**62, (1,), generator=generator)))
+    else:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        responses = [[] for _ in prompts]
+        for seed in dict.fromkeys(seeds):
+            rows = [i for i, s in enumerate(seeds) if s == seed]
+            for i, response in zip(rows, sample([prompts[i] for i in rows], seed)):
+                responses[i] = response
     device = next(policy.parameters()).device
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)

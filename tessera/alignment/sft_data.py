@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tessera.core.data import DataError
+from tessera.core.data.jsonl import read_records
 from tessera.core.tokenizer import Tokenizer
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -86,23 +86,7 @@ def encode(tokenizer: Tokenizer, template: str, record: dict, seq_len: int) -> S
 def read_sft(path: str | Path, tokenizer: Tokenizer, template: str, seq_len: int,
              on_error: str = "raise") -> tuple[list[Sample], int]:
     """Samples of a JSONL file and the number of lines skipped (`on_error="skip"`); errors name file and line."""
-    samples, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("a line must hold one JSON object")
-                samples.append(encode(tokenizer, template, record, seq_len))
-            except (ValueError, json.JSONDecodeError) as e:
-                if on_error != "skip":
-                    raise DataError(f"{path}:{lineno}: {e}") from None
-                skipped += 1
-    if not samples:
-        raise DataError(f"{path}: no usable samples")
-    return samples, skipped
+    return read_records(path, lambda record: encode(tokenizer, template, record, seq_len), on_error, "samples")
 
 
 def pack(samples: list[Sample], seq_len: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

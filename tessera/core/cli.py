@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tessera.core.cli_train import EXIT_INTERRUPTED, TrainingInterrupted, cmd_train
+from tessera.core.cli_train import EXIT_INTERRUPTED, TrainingInterrupted, cmd_rl, cmd_train
 from tessera.core.config import ConfigError
 
 
@@ -208,6 +208,11 @@ def parser() -> argparse.ArgumentParser:
         st.add_argument("config", help="TOML config (data.path: the JSONL file; model.init_from: the start)")
         st.add_argument("--resume", help="'auto' or a checkpoint directory")
         st.set_defaults(func=cmd_train, takes_overrides=True)
+    for stage in ("ppo", "grpo"):
+        st = sub.add_parser(stage, help=f"{stage.upper()} with a reward model or function: tessera {stage} "
+                                        "CONFIG.toml --section.key=value ...")
+        st.add_argument("config", help="TOML config (data.path: {\"prompt\": ...} lines; [rl]: reward and knobs)")
+        st.set_defaults(func=cmd_rl, takes_overrides=True)
 
     ge = sub.add_parser("generate", help="sample text from a checkpoint")
     ge.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")

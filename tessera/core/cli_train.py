@@ -1,4 +1,4 @@
-"""`tessera train | sft | rm | dpo`: a run assembled from its config, the placement the launcher's
+"""`tessera train | sft | rm | dpo | ppo | grpo`: a run assembled from its config, the placement the launcher's
 environment implies, the task the command names, and the trainer; the one place that wires
 `core`, `distributed`, `alignment`, `interop` and `launchers` together for training."""
 from __future__ import annotations
@@ -53,6 +53,26 @@ def cmd_train(args, overrides: list[str]) -> None:
             print(f"wrote adapters to {adapter} and the merged model to {merged}")
     if trainer.stopped_early:
         raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
+
+
+def cmd_rl(args, overrides: list[str]) -> None:
+    """`tessera ppo | grpo`: the placement from the environment as for the other stages, and the
+    rollout-and-update loop of `alignment.rl_run` in place of the trainer."""
+    from tessera.alignment.rl_run import run_rl
+    from tessera.core.config import load_config
+    from tessera.distributed.env import destroy
+    from tessera.distributed.placement import placement_for
+
+    cfg, init_weights = _init_from(load_config(args.config, overrides))
+    try:
+        placement = placement_for(cfg)
+        metrics, final = run_rl(args.command, cfg, placement, init_weights)
+    finally:
+        destroy()
+    if placement.rank == 0:
+        keys = ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_len")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in keys)
+        print(f"trained {cfg.train.steps} {args.command} steps in {cfg.train.run_dir}: {summary}; policy in {final}")
 
 
 def _stage_task(command: str, cfg):

@@ -187,6 +187,32 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
+class RLConfig:
+    """PPO and GRPO (read by tessera.alignment); data.path is a JSONL of {"prompt": ...} lines, train.steps
+    the rollout batches. The reward: a reward model (`tessera rm` checkpoint) or a Python function."""
+
+    reward_model: str = ""  # a checkpoint (or run directory) written by `tessera rm`
+    reward_fn: str = ""  # "module:function", called as function(prompt_tokens, response_tokens) -> float
+    chat_template: bool = True  # prompts rendered as a user turn (as `tessera rm` saw them); false: raw text
+    rollout_batch: int = 16  # prompts per step over all ranks
+    mini_batch_size: int = 0  # rows per optimizer step over all ranks; 0: the whole rollout batch
+    epochs: int = 2  # passes over every rollout batch (PPO epochs, GRPO's mu)
+    group_size: int = 4  # GRPO: samples per prompt
+    clip: float = 0.2
+    value_clip: float = 0.2  # PPO
+    kl_coef: float = 0.05  # PPO: initial per-token penalty; GRPO: weight of the k3 term
+    kl_target: float = 0.0  # PPO: per-response KL the adaptive controller aims at; 0: fixed coefficient
+    kl_horizon: int = 10000  # PPO: samples over which the controller closes the gap
+    gamma: float = 1.0  # PPO
+    lam: float = 0.95  # PPO
+    vf_coef: float = 0.1  # PPO
+    whiten_advantages: bool = True  # PPO
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    seed_per_prompt: bool = False  # rollouts the same on any number of ranks (slower: a generation call per prompt)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,6 +225,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:

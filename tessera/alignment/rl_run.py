@@ -1,0 +1,280 @@
+"""`tessera ppo | grpo`: the RL trainers of `ppo.py` and `grpo.py` run from a config on a placement.
+
+Every data-parallel rank takes its own prompts (data.path: `{"prompt": ...}` lines), samples and
+scores its own rollouts and steps on them; the placement spreads policy, reference, value and
+reward models (FSDP2 shards, DDP replicas) and averages the gradients over the ranks. Decoding
+stops at a different token on each rank while a sharded forward needs every rank, so the policy's
+full weights are gathered for the rollout phase (`gathered`). Metrics are averaged over ranks
+(ratio extremes: min and max) and written by the first; the adaptive KL coefficient moves by the
+KL over all ranks, so every rank uses the same one. The final policy is saved with the placement's
+checkpointer, so `tessera generate --ckpt RUN_DIR` reads it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from tqdm import tqdm
+
+from tessera import kernels
+from tessera.alignment.grpo import GRPOConfig, GRPOTrainer
+from tessera.alignment.ppo import PPOConfig, PPOTrainer, ValueModel
+from tessera.alignment.reward import RewardModel
+from tessera.alignment.rollout import RewardFn
+from tessera.alignment.sft_data import render
+from tessera.alignment.stage import SampleLoader, StageTask
+from tessera.core.build import resume_path, with_vocab
+from tessera.core.checkpoint import find_checkpoint, load_weights, read_model_config
+from tessera.core.config import Config, ConfigError, RLConfig, to_toml
+from tessera.core.data.jsonl import read_records
+from tessera.core.model import Transformer
+from tessera.core.optim import lr_at, set_lr
+from tessera.core.tokenizer import Tokenizer, load_tokenizer
+
+
+def read_prompts(path: str | Path, tokenizer: Tokenizer, template: str | None, max_prompt_tokens: int,
+                 on_error: str = "raise") -> tuple[list[list[int]], int]:
+    """Encoded prompts of a JSONL file (rendered as a user turn when `template` is given) and the
+    count of skipped lines; errors name file and line."""
+
+    def parse(record: dict) -> list[int]:
+        if not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            raise ValueError("a line must hold a JSON object with a non-empty string 'prompt'")
+        text = record["prompt"]
+        if template is not None:
+            text = render(template, [{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = tokenizer.encode(text)
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(f"the prompt is {len(ids)} tokens; with rl.max_new_tokens it must be at most "
+                             f"{max_prompt_tokens} to fit model.max_seq_len")
+        return ids
+
+    return read_records(path, parse, on_error, "prompts")
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """`rl.reward_fn = "module:function"`, imported from the Python path."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"rl.reward_fn={spec!r} must look like 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any failure to import is the config's problem to report
+        raise ConfigError(f"rl.reward_fn={spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+                          "is its directory on PYTHONPATH?") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"rl.reward_fn={spec!r}: module {module_name!r} has no function {name!r}")
+    return fn
+
+
+def load_reward_model(path: str, tokenizer: Tokenizer, device: torch.device) -> RewardModel:
+    """A frozen `RewardModel` from a checkpoint (or run directory) of `tessera rm`."""
+    try:
+        ckpt = find_checkpoint(path)
+    except FileNotFoundError:
+        raise ConfigError(f"rl.reward_model={path!r} is not a checkpoint or run directory of `tessera rm`") from None
+    model = RewardModel(Transformer(read_model_config(ckpt))).to(device)
+    try:
+        load_weights(model, ckpt)
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"rl.reward_model={path!r}: {ckpt} holds no reward model (keys body.*, value_head.*): "
+                          f"{str(e).splitlines()[0]}") from None
+    if (ckpt / "tokenizer.json").exists() and load_tokenizer(ckpt).hash != tokenizer.hash:
+        raise ConfigError(f"rl.reward_model={path!r} was trained with another tokenizer than the policy's")
+    return model.requires_grad_(False)
+
+
+def check_rl(command: str, cfg: Config, dp_size: int) -> None:
+    """The [rl] keys this command reads, with the rank count: ConfigError naming the key."""
+    rl = cfg.rl
+    if bool(rl.reward_model) == bool(rl.reward_fn):
+        raise ConfigError("set exactly one of rl.reward_model (a `tessera rm` checkpoint) and rl.reward_fn "
+                          "('module:function')")
+    for key in ("rollout_batch", "epochs", "max_new_tokens", "kl_horizon"):
+        if getattr(rl, key) < 1:
+            raise ConfigError(f"rl.{key}={getattr(rl, key)} must be >= 1")
+    if rl.clip <= 0 or rl.value_clip <= 0 or rl.temperature <= 0:
+        raise ConfigError(f"rl.clip={rl.clip}, rl.value_clip={rl.value_clip} and rl.temperature={rl.temperature} "
+                          "must be > 0")
+    if rl.kl_coef < 0 or rl.kl_target < 0 or rl.mini_batch_size < 0:
+        raise ConfigError(f"rl.kl_coef={rl.kl_coef}, rl.kl_target={rl.kl_target} and "
+                          f"rl.mini_batch_size={rl.mini_batch_size} must be >= 0")
+    if not (0 <= rl.gamma <= 1 and 0 <= rl.lam <= 1):
+        raise ConfigError(f"rl.gamma={rl.gamma} and rl.lam={rl.lam} must be in [0, 1]")
+    if rl.max_new_tokens >= cfg.model.max_seq_len:
+        raise ConfigError(f"rl.max_new_tokens={rl.max_new_tokens} leaves no room for a prompt in "
+                          f"model.max_seq_len={cfg.model.max_seq_len}")
+    if command == "grpo" and rl.group_size < 2:
+        raise ConfigError(f"rl.group_size={rl.group_size} must be >= 2: GRPO's advantages are relative to the group")
+    rows = rl.rollout_batch * (rl.group_size if command == "grpo" else 1)
+    mini = rl.mini_batch_size or rows
+    if rl.rollout_batch % dp_size or mini % dp_size or rows % mini:
+        raise ConfigError(f"rl.rollout_batch={rl.rollout_batch} prompts ({rows} rows) and rl.mini_batch_size={mini} "
+                          f"must split evenly: the rows into mini-batches, and both over {dp_size} data-parallel "
+                          "rank(s)")
+    p = cfg.parallel
+    if p.tp > 1 or p.engine != "fsdp" or cfg.lora.r > 0:
+        raise ConfigError("tessera ppo | grpo run on FSDP2/DDP ranks without parallel.tp > 1, parallel.engine="
+                          "'deepspeed' or lora.r > 0 (not yet)")
+
+
+def trainer_config(command: str, rl: RLConfig, cfg: Config, dp_size: int, seed: int) -> PPOConfig | GRPOConfig:
+    """One rank's share of the [rl] section, in the library trainers' terms."""
+    grad_clip = cfg.optim.grad_clip or None
+    if command == "ppo":
+        return PPOConfig(rollout_batch=rl.rollout_batch // dp_size,
+                         mini_batch_size=(rl.mini_batch_size or rl.rollout_batch) // dp_size, ppo_epochs=rl.epochs,
+                         clip=rl.clip, value_clip=rl.value_clip, gamma=rl.gamma, lam=rl.lam, kl_coef=rl.kl_coef,
+                         kl_target=rl.kl_target or None, kl_horizon=rl.kl_horizon,
+                         whiten_advantages=rl.whiten_advantages, vf_coef=rl.vf_coef, max_grad_norm=grad_clip,
+                         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, seed=seed)
+    return GRPOConfig(group_size=rl.group_size, mini_batch_size=rl.mini_batch_size // dp_size, epochs=rl.epochs,
+                      clip=rl.clip, kl_coef=rl.kl_coef, max_grad_norm=grad_clip, max_new_tokens=rl.max_new_tokens,
+                      temperature=rl.temperature, seed=seed)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, reshard_after_forward: bool):
+    """An FSDP2 model's full weights held on every rank (no collectives in its forwards) until exit;
+    then resharded, with `reshard_after_forward` back to the run's (the root: off)."""
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+            m.set_reshard_after_forward(reshard_after_forward and m is not model, recurse=False)
+
+
+def token_share(mask: torch.Tensor) -> float:
+    """A mini-batch's response tokens over all data-parallel ranks' tokens, times the rank count: the
+    factor on its token means whose average over ranks (gradients, metrics) is the mean over all tokens."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1.0
+    count = mask.sum().to(torch.float64).reshape(1)
+    total = count.clone()
+    dist.all_reduce(total)
+    return (count * dist.get_world_size() / total).item()
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of the prompt at `index` of the data in `step` (`rl.seed_per_prompt`)."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + index) % 2**62
+
+
+def reduce_metrics(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Means over all ranks (every rank holds as many rows), `ratio_min`/`ratio_max` as min/max."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    sums, lows, highs = values.clone(), values.clone(), values.clone()
+    dist.all_reduce(sums)
+    dist.all_reduce(lows, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highs, op=dist.ReduceOp.MAX)
+    world = dist.get_world_size()
+    return {k: (lows[i] if k == "ratio_min" else highs[i] if k == "ratio_max" else sums[i] / world).item()
+            for i, k in enumerate(keys)}
+
+
+def rl_step(trainer: PPOTrainer | GRPOTrainer, prompts: list[list[int]], seeds: list[int] | None,
+            reshard_after_forward: bool, device: torch.device, global_prompts: int) -> dict[str, float]:
+    """One iteration: rollouts on gathered policy weights, the clipped updates, metrics over ranks,
+    then (PPO) the KL coefficient moved by the KL of all ranks' rollouts."""
+    start = time.perf_counter()
+    with gathered(trainer.policy, reshard_after_forward):
+        batch, metrics = trainer.collect(prompts, seeds)
+    metrics["rollout_s"] = time.perf_counter() - start
+    history = trainer.update(batch)
+    for key in history[0]:
+        if key not in ("ratio_min", "ratio_max"):
+            metrics[key] = sum(h[key] for h in history) / len(history)
+    metrics["ratio_min"] = min(h["ratio_min"] for h in history)
+    metrics["ratio_max"] = max(h["ratio_max"] for h in history)
+    metrics["step_s"] = time.perf_counter() - start
+    metrics = reduce_metrics(metrics, device)
+    if isinstance(trainer, PPOTrainer):
+        trainer.kl_ctl.update(metrics["kl"], global_prompts)
+    return metrics
+
+
+def run_rl(command: str, cfg: Config, placement, init_weights=None) -> tuple[dict[str, float], Path]:
+    """`tessera ppo | grpo` on `placement`: the last step's metrics and the final policy checkpoint."""
+    placement.check(cfg)
+    check_rl(command, cfg, placement.dp_size)
+    kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
+    rl, device = cfg.rl, placement.device
+    task = StageTask(cfg)  # tokenizer and chat template from data.tokenizer or model.init_from
+    cfg = with_vocab(cfg, task.vocab_size)
+    tok = task.tokenizer
+    prompts, skipped = read_prompts(cfg.data.path, tok, task.template if rl.chat_template else None,
+                                    cfg.model.max_seq_len - rl.max_new_tokens, cfg.data.on_error)
+    if len(prompts) < rl.rollout_batch:
+        raise ConfigError(f"{cfg.data.path} holds {len(prompts)} usable prompts, fewer than "
+                          f"rl.rollout_batch={rl.rollout_batch}")
+    reward = load_reward_fn(rl.reward_fn) if rl.reward_fn else load_reward_model(rl.reward_model, tok, device)
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
+    policy = task.new_transformer(cfg, device, init_weights)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    value_model = None
+    if command == "ppo":
+        value_model = (ValueModel.from_reward_model(reward) if isinstance(reward, RewardModel)
+                       else ValueModel(copy.deepcopy(policy))).to(device)
+    policy, reference = placement.prepare(policy, cfg), placement.prepare(reference, cfg)
+    if isinstance(reward, RewardModel):
+        reward = placement.prepare(reward, cfg)
+    engine = placement.engine(policy, cfg)
+    optimizers = [engine.optimizer]
+    tcfg = trainer_config(command, rl, cfg, placement.dp_size, cfg.train.seed + placement.rank)
+    if value_model is not None:
+        value_model = placement.prepare(value_model, cfg)
+        optimizers.append(placement.engine(value_model, cfg).optimizer)
+        trainer = PPOTrainer(policy, reference, value_model, reward, optimizers, tcfg, eos_id=tok.eos_id,
+                             pad_id=tok.pad_id, loss_scale=token_share)
+    else:
+        trainer = GRPOTrainer(policy, reference, reward, optimizers, tcfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                              loss_scale=token_share)
+    loader = iter(SampleLoader(list(enumerate(prompts)), list, rl.rollout_batch // placement.dp_size,
+                               placement.dp_rank, placement.dp_size, seed=cfg.train.seed))
+    run_dir = Path(cfg.train.run_dir)
+    if placement.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    checkpointer = placement.checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, task.tokenizer_files)
+    if resume_path(cfg.checkpoint.resume, checkpointer) is not None:  # "auto" with nothing saved yet starts afresh
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: resuming tessera ppo | grpo is not "
+                          "supported yet; start a new run (model.init_from can take the saved policy)")
+    logger = placement.metrics(run_dir, cfg.log.tensorboard, None)
+    bar = tqdm(total=cfg.train.steps, desc=command, unit="step", mininterval=1.0, dynamic_ncols=True,
+               disable=not (cfg.log.progress and placement.rank == 0))
+    metrics: dict[str, float] = {}
+    for step in range(1, cfg.train.steps + 1):
+        lr = lr_at(step - 1, cfg.optim, cfg.train.steps)
+        for opt in optimizers:
+            set_lr(opt, lr)
+        batch = next(loader)
+        seeds = [prompt_seed(cfg.train.seed, step, i) for i, _ in batch] if rl.seed_per_prompt else None
+        metrics = {**rl_step(trainer, [p for _, p in batch], seeds, cfg.parallel.reshard_after_forward, device,
+                             rl.rollout_batch), "lr": lr, "data_skipped": skipped}
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
+            logger.log(step, metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.2f}", refresh=False)
+        bar.update()
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+            checkpointer.save(step, engine, {"step": step}, to_toml(cfg))
+    bar.close()
+    final = checkpointer.save(cfg.train.steps, engine, {"step": cfg.train.steps}, to_toml(cfg))
+    checkpointer.wait()
+    logger.close()
+    return metrics, final
