@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from tessera.alignment.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
-from tessera.alignment.reward import RewardModel
+from tessera.alignment.reward import RewardModel, ScalarHeadModel
 from tessera.alignment.rollout import RewardFn, generate_rollouts, last_response_index, policy_logprobs, score
 from tessera.core.model import Transformer
 
@@ -87,15 +87,8 @@ class KLController:
         return self.value
 
 
-class ValueModel(nn.Module):
-    """Per-token values: a Transformer body (its LM head unused) and a scalar head at every position."""
-
-    def __init__(self, body: Transformer):
-        super().__init__()
-        self.body = body
-        self.value_head = nn.Linear(body.cfg.d_model, 1)
-        nn.init.normal_(self.value_head.weight, std=1 / (body.cfg.d_model + 1))
-        nn.init.zeros_(self.value_head.bias)
+class ValueModel(ScalarHeadModel):
+    """Per-token values: the value at t is that of the state before token t + 1."""
 
     @classmethod
     def from_reward_model(cls, reward_model: RewardModel) -> ValueModel:
@@ -105,8 +98,7 @@ class ValueModel(nn.Module):
         return model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, S) float values, the value at t being that of the state before token t + 1."""
-        return self.value_head(self.body.hidden_states(tokens)).squeeze(-1).float()
+        return self.token_values(tokens)
 
 
 def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, action_mask: torch.Tensor,

@@ -12,9 +12,10 @@ from tessera.core.config import Config
 from tessera.core.model import Transformer
 
 
-class RewardModel(nn.Module):
-    """A Transformer body (its LM head unused) and a scalar head; `body` keeps the plain model's
-    parameter names, so a pretrained checkpoint loads into it and parallelism applies to it."""
+class ScalarHeadModel(nn.Module):
+    """A Transformer body (its LM head unused) and a linear head from its hidden states to one
+    scalar per position; `body` keeps the plain model's parameter names, so a pretrained
+    checkpoint loads into it and parallelism applies to it. Reward and value models are this."""
 
     def __init__(self, body: Transformer):
         super().__init__()
@@ -27,11 +28,16 @@ class RewardModel(nn.Module):
     def cfg(self):
         return self.body.cfg
 
+    def token_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S) float scalars, one per position."""
+        return self.value_head(self.body.hidden_states(tokens)).squeeze(-1).float()
+
+
+class RewardModel(ScalarHeadModel):
     def forward(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """One reward per row (B,), read at the row's last masked (response) token."""
-        h = self.body.hidden_states(tokens)
         last = loss_mask.shape[1] - 1 - loss_mask.long().flip(1).argmax(dim=1)
-        return self.value_head(h[torch.arange(h.shape[0]), last]).squeeze(-1).float()
+        return self.token_values(tokens)[torch.arange(tokens.shape[0]), last]
 
 
 def reward_step_loss(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

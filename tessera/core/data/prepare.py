@@ -8,7 +8,6 @@ Each shard holds `shard_tokens` tokens as samples of at most `sample_tokens` tok
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from tessera.core.data.jsonl import numbered_objects
 from tessera.core.data.manifest import MANIFEST, DataError, Manifest, Shard
 from tessera.core.tokenizer import Tokenizer
 
@@ -45,17 +45,12 @@ def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
         if path.suffix == ".txt":
             yield path.read_text(encoding="utf-8")
             continue
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(f"{path}:{lineno}: no string field {text_field!r}")
-                yield record[text_field]
+        for lineno, record in numbered_objects(path):
+            if isinstance(record, ValueError):
+                raise DataError(f"{path}:{lineno}: {record}")
+            if not isinstance(record.get(text_field), str):
+                raise DataError(f"{path}:{lineno}: no string field {text_field!r}")
+            yield record[text_field]
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
