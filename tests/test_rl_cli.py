@@ -101,21 +101,30 @@ def test_ppo_raises_the_reward_with_an_adaptive_kl(work):
     ("grpo", ["--rl.rollout_batch=8", "--rl.group_size=4", "--rl.kl_coef=0.2"], ("policy_loss", "kl_loss")),
     ("ppo", ["--rl.rollout_batch=16", "--rl.kl_target=3.0", "--rl.kl_horizon=100", "--rl.whiten_advantages=false"],
      ("policy_loss", "value_loss")),
-])
+    ("ppo", ["--rl.rollout_batch=16", "--rl.whiten_advantages=false", "--lora.r=4", "--optim.lr=1e-2"],
+     ("policy_loss", "value_loss")),
+], ids=["grpo", "ppo", "ppo_lora"])
 def test_two_fsdp_ranks_match_one_process(work, command, extra, losses):
     """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt), whole-batch
     steps (PPO: advantages not whitened, since each rank whitens its own), token means over all ranks."""
     args = (command, "--train.steps=4", "--rl.epochs=2", "--rl.seed_per_prompt=true", *extra)
-    one = train(work, args[0], f"{command}1", *args[1:])
-    two = train(work, args[0], f"{command}2", *args[1:], "--parallel.dp_shard=2", nproc=2)
+    run = f"{command}_lora" if "--lora.r=4" in extra else command
+    one = train(work, args[0], f"{run}1", *args[1:])
+    two = train(work, args[0], f"{run}2", *args[1:], "--parallel.dp_shard=2", nproc=2)
+    if run == "ppo_lora":  # only the adapters trained, and they were exported beside the merged policy
+        assert (work / "ppo_lora2" / "adapter" / "adapter.safetensors").exists()
+        assert (work / "ppo_lora2" / "merged" / "model.safetensors").exists()
+        refused = subprocess.run([sys.executable, "-m", "tessera", "generate", "--ckpt", str(work / "ppo_lora2")],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "read through its merged/ export" in refused.stderr
     assert len(one) == len(two) == 4
     for key in ("reward", "kl", "kl_coef" if command == "ppo" else "flat_groups", "entropy", "clipfrac", *losses):
         a, b = [r[key] for r in one], [r[key] for r in two]
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(1.0, *map(abs, a)), (key, a, b)
-    print(f"tessera {command}: 2 FSDP ranks = 1 process, losses {[r[losses[0]] for r in two]}")
-    ckpt = work / f"{command}2" / "checkpoints" / "step_000004"
+    print(f"tessera {run}: 2 FSDP ranks = 1 process, losses {[r[losses[0]] for r in two]}")
+    ckpt = work / f"{run}2" / "checkpoints" / "step_000004"
     assert (ckpt / ".metadata").exists() and (ckpt / "rank1.pt").exists()  # the placement's sharded checkpointer
-    generate(work, f"{command}2")
+    generate(work, f"{run}2/merged" if run == "ppo_lora" else f"{run}2")
 
 
 def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys):

@@ -121,9 +121,9 @@ def check_rl(command: str, cfg: Config, dp_size: int) -> None:
                           f"must split evenly: the rows into mini-batches, and both over {dp_size} data-parallel "
                           "rank(s)")
     p = cfg.parallel
-    if p.tp > 1 or p.engine != "fsdp" or cfg.lora.r > 0:
-        raise ConfigError("tessera ppo | grpo run on FSDP2/DDP ranks without parallel.tp > 1, parallel.engine="
-                          "'deepspeed' or lora.r > 0 (not yet)")
+    if p.tp > 1 or p.engine != "fsdp":
+        raise ConfigError("tessera ppo | grpo run on FSDP2/DDP ranks without parallel.tp > 1 or parallel.engine="
+                          "'deepspeed' (not yet)")
 
 
 def trainer_config(command: str, rl: RLConfig, cfg: Config, dp_size: int, seed: int) -> PPOConfig | GRPOConfig:
@@ -231,6 +231,7 @@ def run_rl(command: str, cfg: Config, placement, init_weights=None) -> tuple[dic
     if command == "ppo":
         value_model = (ValueModel.from_reward_model(reward) if isinstance(reward, RewardModel)
                        else ValueModel(copy.deepcopy(policy))).to(device)
+    policy = task.adapt(policy, cfg)  # LoRA: only the policy's adapters train (the value model fully)
     policy, reference = placement.prepare(policy, cfg), placement.prepare(reference, cfg)
     if isinstance(reward, RewardModel):
         reward = placement.prepare(reward, cfg)

@@ -145,6 +145,12 @@ def load_weights(model: Transformer, ckpt: str | Path) -> None:
     if (path / "model.safetensors").exists():
         load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     elif (path / ".metadata").exists():
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        extra = sorted(k[len("model."):] for k in saved if k.startswith("model.")
+                       and k[len("model."):] not in model.state_dict())
+        if extra:
+            raise ValueError(f"{ckpt} holds weights this model lacks ({extra[0]}, ...): a LoRA run's checkpoint "
+                             "is read through its merged/ export")
         state = {"model": get_model_state_dict(model)}
         with warnings.catch_warnings():  # DCP warns whenever it runs without a process group
             warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")

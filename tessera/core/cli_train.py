@@ -47,10 +47,7 @@ def cmd_train(args, overrides: list[str]) -> None:
         verb = "stopped at request after" if trainer.stopped_early else "trained"
         print(f"{verb} steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
         if cfg.lora.r > 0 and args.command != "rm" and not trainer.stopped_early:
-            from tessera.alignment.lora import export_from_checkpoint
-
-            adapter, merged = export_from_checkpoint(trainer.parts.checkpointer.latest(), cfg.lora, cfg.train.run_dir)
-            print(f"wrote adapters to {adapter} and the merged model to {merged}")
+            _export_lora(trainer.parts.checkpointer.latest(), cfg)
     if trainer.stopped_early:
         raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
 
@@ -73,6 +70,15 @@ def cmd_rl(args, overrides: list[str]) -> None:
         keys = ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_len")
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in keys)
         print(f"trained {cfg.train.steps} {args.command} steps in {cfg.train.run_dir}: {summary}; policy in {final}")
+        if cfg.lora.r > 0:
+            _export_lora(final, cfg)
+
+
+def _export_lora(ckpt, cfg) -> None:
+    from tessera.alignment.lora import export_from_checkpoint
+
+    adapter, merged = export_from_checkpoint(ckpt, cfg.lora, cfg.train.run_dir)
+    print(f"wrote adapters to {adapter} and the merged model to {merged}")
 
 
 def _stage_task(command: str, cfg):
