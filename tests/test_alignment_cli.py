@@ -84,14 +84,17 @@ def test_dpo_raises_held_out_preference_accuracy_and_margin(work):
     assert final(records, "val_accuracy") >= 0.9 and margins[-1] > margins[0] > 0, records[-3:]
 
 
-def test_dpo_on_two_fsdp_ranks_matches_one_process(work):
+@pytest.mark.parametrize("lora", [[], ["--lora.r=4", "--optim.lr=1e-2"]], ids=["full", "lora"])
+def test_dpo_on_two_fsdp_ranks_matches_one_process(work, lora):
     args = ("dpo", "pairs.jsonl", "pairs_val.jsonl", "--train.steps=6", "--eval.every=0", "--log.every=1",
-            "--align.beta=0.5")
-    one = stage(work, args[0], "dpo1", *args[1:], "--train.batch_size=16")
-    two = stage(work, args[0], "dpo2", *args[1:], "--train.batch_size=8", "--parallel.dp_shard=2", nproc=2)
+            "--align.beta=0.5", *lora)
+    run = "dpo_lora" if lora else "dpo"
+    one = stage(work, args[0], f"{run}1", *args[1:], "--train.batch_size=16")
+    two = stage(work, args[0], f"{run}2", *args[1:], "--train.batch_size=8", "--parallel.dp_shard=2", nproc=2)
     l1, l2 = [r["loss"] for r in one if "loss" in r], [r["loss"] for r in two if "loss" in r]
     assert len(l1) == len(l2) == 6
     assert max(abs(a - b) / abs(a) for a, b in zip(l1, l2)) < 1e-4, (l1, l2)
+    assert l1[-1] < l1[0]  # adapters alone move the policy too
 
 
 def format_rate(work, ckpt) -> float:
