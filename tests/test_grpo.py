@@ -1,5 +1,5 @@
 """GRPO: group-relative advantages, the k3 KL term, the exact first ratio, and convergence on the
-checkable task of tests/test_ppo.py (reward: the fraction of response tokens that are 'a')."""
+checkable task of tests/rl_task.py (reward: the fraction of response tokens that are 'a')."""
 import copy
 import random
 
@@ -7,36 +7,7 @@ import pytest
 import torch
 
 from tessera.alignment.grpo import GRPOConfig, GRPOTrainer, k3_kl
-from tessera.core.config import ModelConfig
-from tessera.core.model import Transformer
-from tessera.core.tokenizer import train_char
-
-LETTERS = "abcdefgh"
-TOK = train_char([LETTERS + ":"])
-A = TOK.encode("a")[0]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models spend their time in synchronisation with two threads on shared cores: ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(vocab_size=TOK.vocab_size, n_layers=2, d_model=48, n_heads=4, n_kv_heads=2,
-                                   norm="rmsnorm", pos="rope", mlp="swiglu", d_ff=96, max_seq_len=32))
-
-
-def fraction_of_a(prompt, response):
-    return sum(t == A for t in response) / len(response)
-
-
-def prompts(n, rng):
-    return [TOK.encode("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 5))) + ":") for _ in range(n)]
+from rl_task import TOK, fraction_of_a, one_thread, prompts, tiny  # noqa: F401  (one_thread: an autouse fixture)
 
 
 def trainer(cfg, lr=3e-3, reward=fraction_of_a):
