@@ -19,7 +19,7 @@ import torch
 from tessera.alignment.losses import group_advantages, masked_mean, ppo_policy_loss
 from tessera.alignment.ppo import LossScale, no_scale, optimizer_step, trainable_parameters
 from tessera.alignment.reward import RewardModel
-from tessera.alignment.rollout import RewardFn, generate_rollouts, policy_logprobs, score
+from tessera.alignment.rollout import RewardFn, generate_rollouts, minibatches, policy_logprobs, score
 from tessera.core.model import Transformer
 
 
@@ -124,23 +124,20 @@ class GRPOTrainer:
     def update(self, batch: GroupBatch) -> list[dict[str, float]]:
         """`epochs` passes of clipped steps with the KL term; the metrics of every mini-batch."""
         cfg, history = self.cfg, []
-        for epoch in range(cfg.epochs):
-            order = batch.order if epoch == 0 else torch.randperm(len(batch.order), generator=self.generator).to(
-                batch.order.device)
-            for idx in order.split(batch.mini_batch_size):
-                mask = batch.response_mask[idx, 1:]
-                logp, entropy = policy_logprobs(self.policy, batch.tokens[idx], batch.response_mask[idx],
-                                                cfg.temperature)
-                policy_loss, stats = ppo_policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, cfg.clip)
-                kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
-                scale = self.loss_scale(mask)
-                optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
-                               cfg.max_grad_norm)
-                ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]
-                history.append({"policy_loss": policy_loss.item() * scale, "kl_loss": kl_loss.item() * scale,
-                                "clipfrac": stats["clipfrac"].item() * scale,
-                                "entropy": masked_mean(entropy.detach(), mask).item() * scale,
-                                "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()})
+        for idx in minibatches(batch.order, cfg.epochs, batch.mini_batch_size, self.generator):
+            mask = batch.response_mask[idx, 1:]
+            logp, entropy = policy_logprobs(self.policy, batch.tokens[idx], batch.response_mask[idx],
+                                            cfg.temperature)
+            policy_loss, stats = ppo_policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, cfg.clip)
+            kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
+            scale = self.loss_scale(mask)
+            optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
+                           cfg.max_grad_norm)
+            ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]
+            history.append({"policy_loss": policy_loss.item() * scale, "kl_loss": kl_loss.item() * scale,
+                            "clipfrac": stats["clipfrac"].item() * scale,
+                            "entropy": masked_mean(entropy.detach(), mask).item() * scale,
+                            "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()})
         return history
 
     def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:

@@ -22,7 +22,9 @@ import torch.nn as nn
 
 from tessera.alignment.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from tessera.alignment.reward import RewardModel, ScalarHeadModel
-from tessera.alignment.rollout import RewardFn, generate_rollouts, last_response_index, policy_logprobs, score
+from tessera.alignment.rollout import (
+    RewardFn, generate_rollouts, last_response_index, minibatches, policy_logprobs, score,
+)
 from tessera.core.model import Transformer
 
 
@@ -209,11 +211,8 @@ class PPOTrainer:
     def update(self, exp: Experience) -> list[dict[str, float]]:
         """`ppo_epochs` passes of clipped policy and value steps; the metrics of every mini-batch."""
         cfg, history = self.cfg, []
-        for epoch in range(cfg.ppo_epochs):
-            order = exp.order if epoch == 0 else torch.randperm(len(exp.order), generator=self.generator).to(
-                exp.order.device)
-            for idx in order.split(cfg.mini_batch_size):
-                history.append(self._minibatch(exp, idx))
+        for idx in minibatches(exp.order, cfg.ppo_epochs, cfg.mini_batch_size, self.generator):
+            history.append(self._minibatch(exp, idx))
         return history
 
     def _minibatch(self, exp: Experience, idx: torch.Tensor) -> dict[str, float]:

@@ -99,6 +99,15 @@ def policy_logprobs(model: nn.Module, tokens: torch.Tensor, response_mask: torch
     return logp, entropy
 
 
+def minibatches(first_order: torch.Tensor, epochs: int, size: int, generator: torch.Generator):
+    """Row indices of every mini-batch of `epochs` passes: the first pass in `first_order` (the
+    order the old log-probs were computed in), later passes freshly shuffled."""
+    for epoch in range(epochs):
+        order = first_order if epoch == 0 else torch.randperm(len(first_order), generator=generator).to(
+            first_order.device)
+        yield from order.split(size)
+
+
 def last_response_index(action_mask: torch.Tensor) -> torch.Tensor:
     """Index of every row's last response position in (B, S - 1) action coordinates."""
     if not bool(action_mask.any(dim=1).all()):

@@ -79,9 +79,9 @@ class StageTask:
             raise ConfigError("no tokenizer: set data.tokenizer, or model.init_from to a checkpoint or "
                               "Hugging Face directory that carries one")
         self.tokenizer = load_tokenizer(source)
-        self.template = chat_template(source if Path(source).is_dir() else Path(source).parent)
-        self.vocab_size = self.tokenizer.vocab_size
         tokenizer_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+        self.template = chat_template(tokenizer_dir)
+        self.vocab_size = self.tokenizer.vocab_size
         self.tokenizer_files = tuple(p for p in (tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json")
                                      if p.exists())
 

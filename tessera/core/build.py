@@ -16,7 +16,7 @@ from tessera.core.checkpoint import Checkpointer, checkpoint_step
 from tessera.core.config import Config, ConfigError, to_toml
 from tessera.core.data import DataError
 from tessera.core.engine import LocalEngine
-from tessera.core.metrics import MetricsLogger, peak_flops
+from tessera.core.metrics import MetricsLogger, NullMetrics, peak_flops
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
 from tessera.core.task import LanguageModelingTask
@@ -71,7 +71,8 @@ class Placement:
         return Checkpointer(directory, keep_last, attachments)
 
     def metrics(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
-        return MetricsLogger(run_dir, tensorboard, resume_step)
+        """One writer per run: the first rank's logger, nothing on the others."""
+        return MetricsLogger(run_dir, tensorboard, resume_step) if self.rank == 0 else NullMetrics()
 
 
 def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:

@@ -27,7 +27,6 @@ from tessera.core.build import Placement
 from tessera.core.checkpoint import Checkpointer, publish, write_run_files
 from tessera.core.config import Config, ConfigError
 from tessera.core.engine import LocalEngine
-from tessera.core.metrics import MetricsLogger, NullMetrics
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
 from tessera.distributed.engine import _world_max, _world_mean
@@ -193,9 +192,6 @@ class DeepSpeedPlacement(Placement):
 
     def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
         return DeepSpeedCheckpointer(directory, keep_last, attachments)
-
-    def metrics(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
-        return MetricsLogger(run_dir, tensorboard, resume_step) if self.rank == 0 else NullMetrics()
 
 
 def export_deepspeed(path: str | Path, model_cfg, out_dir: str | Path) -> Path:

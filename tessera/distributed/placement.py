@@ -12,7 +12,6 @@ from pathlib import Path
 from tessera.core.build import Placement, resolve_device
 from tessera.core.checkpoint import Checkpointer
 from tessera.core.config import Config, ConfigError
-from tessera.core.metrics import MetricsLogger, NullMetrics
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
 from tessera.distributed.checkpoint import ShardedCheckpointer
@@ -56,11 +55,6 @@ class ParallelPlacement(Placement):
 
     def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
         return ShardedCheckpointer(directory, keep_last, attachments, self.async_save)
-
-    def metrics(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
-        if self.rank == 0:
-            return MetricsLogger(run_dir, tensorboard, resume_step)
-        return NullMetrics()
 
 
 def placement_for(cfg: Config) -> Placement:
