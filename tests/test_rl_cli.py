@@ -98,15 +98,17 @@ def test_ppo_raises_the_reward_with_an_adaptive_kl(work):
 
 
 @pytest.mark.parametrize("command, extra, losses", [
-    ("grpo", ["--rl.rollout_batch=8", "--rl.group_size=4", "--rl.kl_coef=0.2"], ("policy_loss", "kl_loss")),
-    ("ppo", ["--rl.rollout_batch=16", "--rl.kl_target=3.0", "--rl.kl_horizon=100", "--rl.whiten_advantages=false"],
+    ("grpo", ["--rl.rollout_batch=6", "--rl.group_size=4", "--rl.mini_batch_size=12", "--rl.kl_coef=0.2"],
+     ("policy_loss", "kl_loss")),
+    ("ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--rl.kl_target=3.0", "--rl.kl_horizon=100"],
      ("policy_loss", "value_loss")),
-    ("ppo", ["--rl.rollout_batch=16", "--rl.whiten_advantages=false", "--lora.r=4", "--optim.lr=1e-2"],
+    ("ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"],
      ("policy_loss", "value_loss")),
 ], ids=["grpo", "ppo", "ppo_lora"])
 def test_two_fsdp_ranks_match_one_process(work, command, extra, losses):
-    """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt), whole-batch
-    steps (PPO: advantages not whitened, since each rank whitens its own), token means over all ranks."""
+    """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt); the rows
+    gathered, so PPO whitens over all of them, and mini-batches drawn from one shared permutation
+    (GRPO's of 12 rows cut across its groups of 4), token means over the whole mini-batch."""
     args = (command, "--train.steps=4", "--rl.epochs=2", "--rl.seed_per_prompt=true", *extra)
     run = f"{command}_lora" if "--lora.r=4" in extra else command
     one = train(work, args[0], f"{run}1", *args[1:])
@@ -158,8 +160,63 @@ def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys):
     records = read_metrics(work / "ppo_rm")
     assert len(records) == 2 and all(abs(r["reward"]) < 10 and r["value_loss"] >= 0 for r in records)
     capsys.readouterr()
-    assert main([*args, "--checkpoint.resume=\"auto\""]) == 2  # a checkpoint exists now: resuming is not yet there
-    assert "resuming tessera ppo | grpo is not supported yet" in capsys.readouterr().err
+    torch.set_num_threads(1)
+    try:  # the value model, started from the reward model's body, resumes from its companion directory
+        status = main([*args[:-3], "--train.steps=3", "--rl.rollout_batch=8", "--rl.mini_batch_size=4",
+                       "--checkpoint.resume=\"auto\""])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0, capsys.readouterr().err[-2000:]
+    assert [r["step"] for r in read_metrics(work / "ppo_rm")] == [1, 2, 3]
+    assert (work / "ppo_rm" / "checkpoints" / "step_000003" / "value_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one_process", "two_fsdp_ranks"])
+def test_resumed_ppo_replays_the_uninterrupted_run(work, nproc):
+    """Steps 3-4 resumed from the step-2 checkpoint (policy, value model, optimizers, KL coefficient,
+    prompt stream, sampling and mini-batch generators) equal those of the run that went straight on."""
+    args = ["--train.steps=4", "--checkpoint.every=2", "--checkpoint.keep_last=3", "--rl.rollout_batch=8",
+            "--rl.mini_batch_size=4", "--rl.epochs=2", "--rl.kl_target=3.0", "--rl.kl_horizon=50",
+            *(["--parallel.dp_shard=2"] if nproc == 2 else [])]
+    straight = train(work, "ppo", f"resume_straight{nproc}", *args, nproc=nproc)
+    ckpt = work / f"resume_straight{nproc}" / "checkpoints" / "step_000002"
+    resumed = train(work, "ppo", f"resume_resumed{nproc}", *args, f"--checkpoint.resume={json.dumps(str(ckpt))}",
+                    nproc=nproc)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "entropy"):
+        a, b = [r[key] for r in straight[2:]], [r[key] for r in resumed]
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5 * max(1.0, *map(abs, a)), (key, a, b)
+    assert straight[2]["kl_coef"] != straight[0]["kl_coef"]  # the restored coefficient is not the initial one
+    if nproc == 2:  # on one process: models, optimizers and KL coefficient restored, the prompts restart
+        proc = tessera(work, "ppo", "resume_one", *args[:-1], f"--checkpoint.resume={json.dumps(str(ckpt))}")
+        assert proc.returncode == 0 and "another data-parallel layout" in proc.stderr, proc.stderr[-2000:]
+        assert abs(read_metrics(work / "resume_one")[0]["kl_coef"] - straight[2]["kl_coef"]) < 1e-9
+
+
+def test_sigterm_checkpoints_exits_3_and_auto_resume_finishes(work):
+    import signal
+    import time
+
+    run = work / "grpo_stop"
+    cmd = [sys.executable, "-m", "tessera", "grpo", str(work / "empty.toml"), *COMMON,
+           f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}", f"--data.tokenizer={json.dumps(str(work / 'tok'))}",
+           f"--train.run_dir={json.dumps(str(run))}", "--train.steps=10000", "--rl.rollout_batch=4",
+           "--rl.group_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and "resume with --resume auto" in err, err[-2000:]
+    stopped = read_metrics(run)[-1]["step"]
+    assert (run / "checkpoints" / f"step_{stopped:06d}").exists()
+    done = subprocess.run([*cmd[:-3], f"--train.steps={stopped + 2}", "--rl.rollout_batch=4", "--rl.group_size=2",
+                           "--resume", "auto"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(run)][-3:] == [stopped, stopped + 1, stopped + 2]
 
 
 @pytest.mark.parametrize("extra, data, message", [

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from tessera.alignment.losses import group_advantages, masked_mean, ppo_policy_loss
-from tessera.alignment.ppo import LossScale, no_scale, optimizer_step, trainable_parameters
+from tessera.alignment.ppo import SHUFFLE_STREAM, optimizer_step, trainable_parameters
 from tessera.alignment.reward import RewardModel
+from tessera.alignment.rows import LocalRows
 from tessera.alignment.rollout import RewardFn, generate_rollouts, minibatches, policy_logprobs, score
 from tessera.core.model import Transformer
 
@@ -26,7 +27,7 @@ from tessera.core.model import Transformer
 @dataclass(frozen=True)
 class GRPOConfig:
     group_size: int = 8  # samples per prompt
-    mini_batch_size: int = 0  # rows per optimizer step; 0: the whole batch (prompts x group_size)
+    mini_batch_size: int = 0  # rows per optimizer step over all ranks; 0: the whole batch (prompts x group_size)
     epochs: int = 1  # passes over each batch (GRPO's mu); 1 with whole-batch steps: plain policy gradient
     clip: float = 0.2
     kl_coef: float = 0.04  # beta
@@ -56,7 +57,8 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GroupBatch:
-    """One batch of groups: `tokens`, `response_mask` (B, S); the rest in (B, S - 1) action coordinates."""
+    """One batch of groups, every rank's: `tokens`, `response_mask` (B, S); the rest in (B, S - 1)
+    action coordinates."""
     tokens: torch.Tensor
     response_mask: torch.Tensor
     old_logp: torch.Tensor
@@ -71,66 +73,71 @@ class GRPOTrainer:
     come from outside and must cover the policy's trainable parameters. Models stay in eval
     mode (no dropout), so an unchanged policy reproduces its rollout log-probs exactly.
 
-    `loss_scale(mask)` multiplies a mini-batch's token means (loss and metrics); on data-parallel
-    ranks, whose gradients and metrics are averaged, it is the mini-batch's share of all ranks'
-    tokens times the rank count (`rl_run.token_share`), so a step is that of the mean over all tokens.
+    `rows` spreads the batch over data-parallel ranks (`rows.RankRows`), each passing its share of
+    the prompts and sampling their groups; one process by default.
     """
 
     def __init__(self, policy: Transformer, reference: Transformer, reward: RewardModel | RewardFn,
                  optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: GRPOConfig,
-                 eos_id: int | None = None, pad_id: int = 0, loss_scale: LossScale | None = None):
+                 eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.reward = policy, reference, reward
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         self.cfg, self.eos_id, self.pad_id = cfg, eos_id, pad_id
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rows = rows or LocalRows()
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.rows.rank)  # sampling: each rank its own
+        self.shuffle = torch.Generator().manual_seed(cfg.seed ^ SHUFFLE_STREAM)  # mini-batches: shared
         self.params = trainable_parameters({"policy": policy}, self.optimizers)
-        self.loss_scale = loss_scale or no_scale
 
     @torch.no_grad()
     def collect(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None
                 ) -> tuple[GroupBatch, dict[str, float]]:
-        """Sample `group_size` responses per prompt (each group from its prompt's seed when `seeds`
-        are given, see `generate_rollouts`), score them and compute their advantages; the old and
-        reference log-probs are computed in the first epoch's mini-batches, so the first mini-batch
-        sees its rollout numbers reproduced exactly."""
-        cfg = self.cfg
-        rows = len(prompts) * cfg.group_size
-        mini = cfg.mini_batch_size or rows
-        if rows % mini:
-            raise ValueError(f"grpo.mini_batch_size={mini} must divide prompts x group_size = {rows}")
+        """Sample `group_size` responses per prompt of this rank's share (each group from its prompt's
+        seed when `seeds` are given, see `generate_rollouts`) and score them, gather every rank's
+        groups and compute their advantages; the old and reference log-probs are computed in the
+        first epoch's mini-batches, so the first mini-batch sees its rollout numbers reproduced exactly."""
+        cfg, rows, group = self.cfg, self.rows, self.cfg.group_size
+        total = len(prompts) * group * rows.size
+        mini = cfg.mini_batch_size or total
+        if total % mini:
+            raise ValueError(f"grpo.mini_batch_size={mini} must divide prompts x group_size = {total}")
         self.policy.eval()
         self.reference.eval()
-        rollout = generate_rollouts(self.policy, [p for p in prompts for _ in range(cfg.group_size)],
+        rollout = generate_rollouts(self.policy, [p for p in prompts for _ in range(group)],
                                     cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id, self.generator,
-                                    None if seeds is None else [s for s in seeds for _ in range(cfg.group_size)])
-        scores = score(rollout, self.reward)
-        mask = rollout.action_mask
-        order = torch.randperm(rows, generator=self.generator).to(mask.device)
+                                    None if seeds is None else [s for s in seeds for _ in range(group)])
+        scores = rows.gather(score(rollout, self.reward), unit=group)
+        tokens = rows.gather(rollout.tokens, unit=group, pad=self.pad_id)
+        response_mask = rows.gather(rollout.response_mask, unit=group)
+        mask = response_mask[:, 1:]
+        order = torch.randperm(total, generator=self.shuffle).to(mask.device)
         old_logp, ref_logp = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
         for idx in order.split(mini):
-            tokens, response_mask = rollout.tokens[idx], rollout.response_mask[idx]
-            old_logp[idx] = policy_logprobs(self.policy, tokens, response_mask, cfg.temperature)[0]
-            ref_logp[idx] = policy_logprobs(self.reference, tokens, response_mask, cfg.temperature)[0]
-        advantages = group_advantages(scores, cfg.group_size)[:, None] * mask
-        groups = scores.view(-1, cfg.group_size)
+            idx = rows.mine(idx)
+            old_logp[idx] = policy_logprobs(self.policy, tokens[idx], response_mask[idx], cfg.temperature)[0]
+            ref_logp[idx] = policy_logprobs(self.reference, tokens[idx], response_mask[idx], cfg.temperature)[0]
+        old_logp, ref_logp = rows.sum(old_logp), rows.sum(ref_logp)
+        advantages = group_advantages(scores, group)[:, None] * mask
+        groups = scores.view(-1, group)
         metrics = {"reward": scores.mean().item(), "reward_std": scores.std().item(),
                    "flat_groups": (groups == groups[:, :1]).all(1).float().mean().item(),
                    "kl": ((old_logp - ref_logp) * mask).sum(1).mean().item(),
                    "response_len": mask.sum(1).float().mean().item()}
-        return GroupBatch(rollout.tokens, rollout.response_mask, old_logp, ref_logp, advantages, order, mini), metrics
+        return GroupBatch(tokens, response_mask, old_logp, ref_logp, advantages, order, mini), metrics
 
     def update(self, batch: GroupBatch) -> list[dict[str, float]]:
-        """`epochs` passes of clipped steps with the KL term; the metrics of every mini-batch."""
+        """`epochs` passes of clipped steps with the KL term, each rank on its slice of every
+        mini-batch; the metrics of every mini-batch (this rank's share of its token means)."""
         cfg, history = self.cfg, []
-        for idx in minibatches(batch.order, cfg.epochs, batch.mini_batch_size, self.generator):
+        for idx in minibatches(batch.order, cfg.epochs, batch.mini_batch_size, self.shuffle):
+            idx = self.rows.mine(idx)
             mask = batch.response_mask[idx, 1:]
             logp, entropy = policy_logprobs(self.policy, batch.tokens[idx], batch.response_mask[idx],
                                             cfg.temperature)
             policy_loss, stats = ppo_policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, cfg.clip)
             kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
-            scale = self.loss_scale(mask)
+            scale = self.rows.token_share(mask)
             optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
                            cfg.max_grad_norm)
             ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]

@@ -14,7 +14,7 @@ rollout log-probs exactly.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,24 +22,19 @@ import torch.nn as nn
 
 from tessera.alignment.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from tessera.alignment.reward import RewardModel, ScalarHeadModel
+from tessera.alignment.rows import LocalRows
 from tessera.alignment.rollout import (
     RewardFn, generate_rollouts, last_response_index, minibatches, policy_logprobs, score,
 )
 from tessera.core.model import Transformer
 
-
-LossScale = Callable[[torch.Tensor], float]  # a mini-batch's response mask -> factor on its token means
-
-
-def no_scale(mask: torch.Tensor) -> float:
-    """One process: a mini-batch's token means are the step's."""
-    return 1.0
+SHUFFLE_STREAM = 0x5EED_5EED  # the mini-batch order's generator is seeded apart from the sampling one
 
 
 @dataclass(frozen=True)
 class PPOConfig:
-    rollout_batch: int = 64  # prompts (and so responses) per step
-    mini_batch_size: int = 16  # rows per optimizer step; divides rollout_batch
+    rollout_batch: int = 64  # prompts (and so responses) per step, over all ranks
+    mini_batch_size: int = 16  # rows per optimizer step, over all ranks; divides rollout_batch
     ppo_epochs: int = 4  # passes over each rollout batch
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2  # how far a value may move from its rollout value before it is clipped
@@ -144,8 +139,8 @@ def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], optimizers: S
 
 @dataclass(frozen=True)
 class Experience:
-    """One rollout batch with everything the PPO epochs need, in (B, S - 1) action coordinates
-    except `tokens` and `response_mask` (B, S)."""
+    """One rollout batch, every rank's rows, with everything the PPO epochs need, in (B, S - 1)
+    action coordinates except `tokens` and `response_mask` (B, S)."""
     tokens: torch.Tensor
     response_mask: torch.Tensor
     old_logp: torch.Tensor
@@ -160,45 +155,50 @@ class PPOTrainer:
 
     The optimizer(s) come from outside and must cover the trainable parameters of the policy
     and the value model (one optimizer over both, or one each); with LoRA only the adapters are
-    trainable, and only they are clipped and stepped. `loss_scale` as in `GRPOTrainer`.
+    trainable, and only they are clipped and stepped. `rows` spreads the batch over data-parallel
+    ranks (`rows.RankRows`), each passing its share of the prompts; one process by default.
     """
 
     def __init__(self, policy: Transformer, reference: Transformer, value_model: ValueModel,
                  reward: RewardModel | RewardFn, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0, loss_scale: LossScale | None = None):
+                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.value_model, self.reward = policy, reference, value_model, reward
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         self.cfg, self.eos_id, self.pad_id = cfg, eos_id, pad_id
         self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rows = rows or LocalRows()
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.rows.rank)  # sampling: each rank its own
+        self.shuffle = torch.Generator().manual_seed(cfg.seed ^ SHUFFLE_STREAM)  # mini-batches: shared
         self.params = trainable_parameters({"policy": policy, "value_model": value_model}, self.optimizers)
-        self.loss_scale = loss_scale or no_scale
 
     @torch.no_grad()
     def collect(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None
                 ) -> tuple[Experience, dict[str, float]]:
-        """Generate (from a seed per prompt when `seeds` are given) and score one rollout batch; old
-        log-probs, reference log-probs and values are computed in the first epoch's mini-batches,
-        so that the first mini-batch sees its rollout numbers reproduced exactly."""
-        cfg = self.cfg
-        if len(prompts) != cfg.rollout_batch:
-            raise ValueError(f"got {len(prompts)} prompts; ppo.rollout_batch={cfg.rollout_batch}")
+        """Generate (from a seed per prompt when `seeds` are given) and score this rank's share of
+        one rollout batch, then gather every rank's rows; old log-probs, reference log-probs and
+        values are computed in the first epoch's mini-batches, so that the first mini-batch sees
+        its rollout numbers reproduced exactly."""
+        cfg, rows = self.cfg, self.rows
+        if len(prompts) * rows.size != cfg.rollout_batch:
+            raise ValueError(f"got {len(prompts)} prompts on each of {rows.size} rank(s); "
+                             f"ppo.rollout_batch={cfg.rollout_batch}")
         for m in (self.policy, self.reference, self.value_model):
             m.eval()
         rollout = generate_rollouts(self.policy, prompts, cfg.max_new_tokens, cfg.temperature, self.eos_id,
                                     self.pad_id, self.generator, seeds)
-        scores = score(rollout, self.reward)
-        order = torch.randperm(len(prompts), generator=self.generator).to(rollout.tokens.device)
-        logp, ref_logp, values = (torch.zeros(rollout.action_mask.shape, device=rollout.tokens.device)
-                                  for _ in range(3))
+        scores = rows.gather(score(rollout, self.reward))
+        tokens, response_mask = rows.gather(rollout.tokens, pad=self.pad_id), rows.gather(rollout.response_mask)
+        action_mask = response_mask[:, 1:]
+        order = torch.randperm(cfg.rollout_batch, generator=self.shuffle).to(tokens.device)
+        logp, ref_logp, values = (torch.zeros(action_mask.shape, device=tokens.device) for _ in range(3))
         for idx in order.split(cfg.mini_batch_size):
-            tokens, mask = rollout.tokens[idx], rollout.response_mask[idx]
-            logp[idx] = policy_logprobs(self.policy, tokens, mask, cfg.temperature)[0]
-            ref_logp[idx] = policy_logprobs(self.reference, tokens, mask, cfg.temperature)[0]
-            values[idx] = self.value_model(tokens)[:, :-1]
-        action_mask = rollout.action_mask
+            idx = rows.mine(idx)
+            logp[idx] = policy_logprobs(self.policy, tokens[idx], response_mask[idx], cfg.temperature)[0]
+            ref_logp[idx] = policy_logprobs(self.reference, tokens[idx], response_mask[idx], cfg.temperature)[0]
+            values[idx] = self.value_model(tokens[idx])[:, :-1]
+        logp, ref_logp, values = rows.sum(logp), rows.sum(ref_logp), rows.sum(values)
         rewards, kl = token_rewards(scores, logp, ref_logp, action_mask, self.kl_ctl.value)
         advantages, returns = gae(rewards, values, action_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
@@ -206,13 +206,14 @@ class PPOTrainer:
         metrics = {"reward": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
                    "kl": kl.sum(1).mean().item(), "kl_coef": self.kl_ctl.value,
                    "response_len": action_mask.sum(1).float().mean().item()}
-        return Experience(rollout.tokens, rollout.response_mask, logp, values, advantages, returns, order), metrics
+        return Experience(tokens, response_mask, logp, values, advantages, returns, order), metrics
 
     def update(self, exp: Experience) -> list[dict[str, float]]:
-        """`ppo_epochs` passes of clipped policy and value steps; the metrics of every mini-batch."""
+        """`ppo_epochs` passes of clipped policy and value steps, each rank on its slice of every
+        mini-batch; the metrics of every mini-batch (this rank's share of its token means)."""
         cfg, history = self.cfg, []
-        for idx in minibatches(exp.order, cfg.ppo_epochs, cfg.mini_batch_size, self.generator):
-            history.append(self._minibatch(exp, idx))
+        for idx in minibatches(exp.order, cfg.ppo_epochs, cfg.mini_batch_size, self.shuffle):
+            history.append(self._minibatch(exp, self.rows.mine(idx)))
         return history
 
     def _minibatch(self, exp: Experience, idx: torch.Tensor) -> dict[str, float]:
@@ -223,7 +224,7 @@ class PPOTrainer:
         values = self.value_model(tokens)[:, :-1]
         policy_loss, stats = ppo_policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.clip)
         value_loss = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip)
-        scale = self.loss_scale(mask)
+        scale = self.rows.token_share(mask)
         optimizer_step((policy_loss + cfg.vf_coef * value_loss) * scale, self.params, self.optimizers,
                        cfg.max_grad_norm)
         ratio = torch.exp(logp - exp.old_logp[idx]).detach()[mask]
@@ -246,5 +247,5 @@ class PPOTrainer:
             metrics[key] = sum(h[key] for h in history) / len(history)
         metrics["ratio_min"] = min(h["ratio_min"] for h in history)
         metrics["ratio_max"] = max(h["ratio_max"] for h in history)
-        self.kl_ctl.update(metrics["kl"], len(prompts))
+        self.kl_ctl.update(metrics["kl"], self.cfg.rollout_batch)
         return metrics

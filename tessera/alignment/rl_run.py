@@ -1,13 +1,14 @@
 """`tessera ppo | grpo`: the RL trainers of `ppo.py` and `grpo.py` run from a config on a placement.
 
-Every data-parallel rank takes its own prompts (data.path: `{"prompt": ...}` lines), samples and
-scores its own rollouts and steps on them; the placement spreads policy, reference, value and
-reward models (FSDP2 shards, DDP replicas) and averages the gradients over the ranks. Decoding
-stops at a different token on each rank while a sharded forward needs every rank, so the policy's
-full weights are gathered for the rollout phase (`gathered`). Metrics are averaged over ranks
-(ratio extremes: min and max) and written by the first; the adaptive KL coefficient moves by the
-KL over all ranks, so every rank uses the same one. The final policy is saved with the placement's
-checkpointer, so `tessera generate --ckpt RUN_DIR` reads it.
+Every data-parallel rank takes its own prompts (data.path: `{"prompt": ...}` lines) and samples
+and scores their rollouts; the rows are then gathered (`rows.RankRows`), so every rank computes
+the advantages of the whole batch and steps on its slice of every mini-batch. The placement
+spreads policy, reference, value and reward models (FSDP2 shards, DDP replicas) and averages the
+gradients over the ranks. Decoding stops at a different token on each rank while a sharded
+forward needs every rank, so the policy's full weights are gathered for the rollout phase
+(`gathered`). Metrics are averaged over ranks (ratio extremes: min and max) and written by the
+first. Checkpoints go through the placement's checkpointer, so `tessera generate --ckpt RUN_DIR`
+reads the policy, and `checkpoint.resume` continues a run.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import contextlib
 import copy
 import importlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,9 +27,10 @@ from tqdm import tqdm
 
 from tessera import kernels
 from tessera.alignment.grpo import GRPOConfig, GRPOTrainer
-from tessera.alignment.ppo import PPOConfig, PPOTrainer, ValueModel
+from tessera.alignment.ppo import SHUFFLE_STREAM, PPOConfig, PPOTrainer, ValueModel
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rollout import RewardFn
+from tessera.alignment.rows import LocalRows, RankRows
 from tessera.alignment.sft_data import render
 from tessera.alignment.stage import SampleLoader, StageTask
 from tessera.core.build import resume_path, with_vocab
@@ -126,19 +129,18 @@ def check_rl(command: str, cfg: Config, dp_size: int) -> None:
                           "'deepspeed' (not yet)")
 
 
-def trainer_config(command: str, rl: RLConfig, cfg: Config, dp_size: int, seed: int) -> PPOConfig | GRPOConfig:
-    """One rank's share of the [rl] section, in the library trainers' terms."""
+def trainer_config(command: str, rl: RLConfig, cfg: Config) -> PPOConfig | GRPOConfig:
+    """The [rl] section in the library trainers' terms (batch sizes over all ranks)."""
     grad_clip = cfg.optim.grad_clip or None
     if command == "ppo":
-        return PPOConfig(rollout_batch=rl.rollout_batch // dp_size,
-                         mini_batch_size=(rl.mini_batch_size or rl.rollout_batch) // dp_size, ppo_epochs=rl.epochs,
-                         clip=rl.clip, value_clip=rl.value_clip, gamma=rl.gamma, lam=rl.lam, kl_coef=rl.kl_coef,
-                         kl_target=rl.kl_target or None, kl_horizon=rl.kl_horizon,
+        return PPOConfig(rollout_batch=rl.rollout_batch, mini_batch_size=rl.mini_batch_size or rl.rollout_batch,
+                         ppo_epochs=rl.epochs, clip=rl.clip, value_clip=rl.value_clip, gamma=rl.gamma, lam=rl.lam,
+                         kl_coef=rl.kl_coef, kl_target=rl.kl_target or None, kl_horizon=rl.kl_horizon,
                          whiten_advantages=rl.whiten_advantages, vf_coef=rl.vf_coef, max_grad_norm=grad_clip,
-                         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, seed=seed)
-    return GRPOConfig(group_size=rl.group_size, mini_batch_size=rl.mini_batch_size // dp_size, epochs=rl.epochs,
+                         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, seed=cfg.train.seed)
+    return GRPOConfig(group_size=rl.group_size, mini_batch_size=rl.mini_batch_size, epochs=rl.epochs,
                       clip=rl.clip, kl_coef=rl.kl_coef, max_grad_norm=grad_clip, max_new_tokens=rl.max_new_tokens,
-                      temperature=rl.temperature, seed=seed)
+                      temperature=rl.temperature, seed=cfg.train.seed)
 
 
 @contextlib.contextmanager
@@ -155,17 +157,6 @@ def gathered(model: nn.Module, reshard_after_forward: bool):
         for m in fsdp:
             m.reshard()
             m.set_reshard_after_forward(reshard_after_forward and m is not model, recurse=False)
-
-
-def token_share(mask: torch.Tensor) -> float:
-    """A mini-batch's response tokens over all data-parallel ranks' tokens, times the rank count: the
-    factor on its token means whose average over ranks (gradients, metrics) is the mean over all tokens."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return 1.0
-    count = mask.sum().to(torch.float64).reshape(1)
-    total = count.clone()
-    dist.all_reduce(total)
-    return (count * dist.get_world_size() / total).item()
 
 
 def prompt_seed(seed: int, step: int, index: int) -> int:
@@ -189,7 +180,7 @@ def reduce_metrics(metrics: dict[str, float], device: torch.device) -> dict[str,
 
 
 def rl_step(trainer: PPOTrainer | GRPOTrainer, prompts: list[list[int]], seeds: list[int] | None,
-            reshard_after_forward: bool, device: torch.device, global_prompts: int) -> dict[str, float]:
+            reshard_after_forward: bool, device: torch.device) -> dict[str, float]:
     """One iteration: rollouts on gathered policy weights, the clipped updates, metrics over ranks,
     then (PPO) the KL coefficient moved by the KL of all ranks' rollouts."""
     start = time.perf_counter()
@@ -205,77 +196,135 @@ def rl_step(trainer: PPOTrainer | GRPOTrainer, prompts: list[list[int]], seeds: 
     metrics["step_s"] = time.perf_counter() - start
     metrics = reduce_metrics(metrics, device)
     if isinstance(trainer, PPOTrainer):
-        trainer.kl_ctl.update(metrics["kl"], global_prompts)
+        trainer.kl_ctl.update(metrics["kl"], trainer.cfg.rollout_batch)
     return metrics
 
 
-def run_rl(command: str, cfg: Config, placement, init_weights=None) -> tuple[dict[str, float], Path]:
-    """`tessera ppo | grpo` on `placement`: the last step's metrics and the final policy checkpoint."""
-    placement.check(cfg)
-    check_rl(command, cfg, placement.dp_size)
-    kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
-    rl, device = cfg.rl, placement.device
-    task = StageTask(cfg)  # tokenizer and chat template from data.tokenizer or model.init_from
-    cfg = with_vocab(cfg, task.vocab_size)
-    tok = task.tokenizer
-    prompts, skipped = read_prompts(cfg.data.path, tok, task.template if rl.chat_template else None,
-                                    cfg.model.max_seq_len - rl.max_new_tokens, cfg.data.on_error)
-    if len(prompts) < rl.rollout_batch:
-        raise ConfigError(f"{cfg.data.path} holds {len(prompts)} usable prompts, fewer than "
-                          f"rl.rollout_batch={rl.rollout_batch}")
-    reward = load_reward_fn(rl.reward_fn) if rl.reward_fn else load_reward_model(rl.reward_model, tok, device)
-    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
-    policy = task.new_transformer(cfg, device, init_weights)
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    value_model = None
-    if command == "ppo":
-        value_model = (ValueModel.from_reward_model(reward) if isinstance(reward, RewardModel)
-                       else ValueModel(copy.deepcopy(policy))).to(device)
-    policy = task.adapt(policy, cfg)  # LoRA: only the policy's adapters train (the value model fully)
-    policy, reference = placement.prepare(policy, cfg), placement.prepare(reference, cfg)
-    if isinstance(reward, RewardModel):
-        reward = placement.prepare(reward, cfg)
-    engine = placement.engine(policy, cfg)
-    optimizers = [engine.optimizer]
-    tcfg = trainer_config(command, rl, cfg, placement.dp_size, cfg.train.seed + placement.rank)
-    if value_model is not None:
-        value_model = placement.prepare(value_model, cfg)
-        optimizers.append(placement.engine(value_model, cfg).optimizer)
-        trainer = PPOTrainer(policy, reference, value_model, reward, optimizers, tcfg, eos_id=tok.eos_id,
-                             pad_id=tok.pad_id, loss_scale=token_share)
-    else:
-        trainer = GRPOTrainer(policy, reference, reward, optimizers, tcfg, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                              loss_scale=token_share)
-    loader = iter(SampleLoader(list(enumerate(prompts)), list, rl.rollout_batch // placement.dp_size,
-                               placement.dp_rank, placement.dp_size, seed=cfg.train.seed))
-    run_dir = Path(cfg.train.run_dir)
-    if placement.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-    checkpointer = placement.checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, task.tokenizer_files)
-    if resume_path(cfg.checkpoint.resume, checkpointer) is not None:  # "auto" with nothing saved yet starts afresh
-        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: resuming tessera ppo | grpo is not "
-                          "supported yet; start a new run (model.init_from can take the saved policy)")
-    logger = placement.metrics(run_dir, cfg.log.tensorboard, None)
-    bar = tqdm(total=cfg.train.steps, desc=command, unit="step", mininterval=1.0, dynamic_ncols=True,
-               disable=not (cfg.log.progress and placement.rank == 0))
-    metrics: dict[str, float] = {}
-    for step in range(1, cfg.train.steps + 1):
-        lr = lr_at(step - 1, cfg.optim, cfg.train.steps)
-        for opt in optimizers:
-            set_lr(opt, lr)
-        batch = next(loader)
-        seeds = [prompt_seed(cfg.train.seed, step, i) for i, _ in batch] if rl.seed_per_prompt else None
-        metrics = {**rl_step(trainer, [p for _, p in batch], seeds, cfg.parallel.reshard_after_forward, device,
-                             rl.rollout_batch), "lr": lr, "data_skipped": skipped}
-        if step % cfg.log.every == 0 or step == cfg.train.steps:
-            logger.log(step, metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.2f}", refresh=False)
-        bar.update()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-            checkpointer.save(step, engine, {"step": step}, to_toml(cfg))
-    bar.close()
-    final = checkpointer.save(cfg.train.steps, engine, {"step": cfg.train.steps}, to_toml(cfg))
-    checkpointer.wait()
-    logger.close()
-    return metrics, final
+class RLRun:
+    """`tessera ppo | grpo` on a placement: the models spread, the trainer, the prompt stream, and
+    checkpoints that resume. A checkpoint holds the policy as the trainers' checkpoints do (so
+    `tessera generate` reads it), PPO's value model beside it as a companion, and the prompt
+    stream's position, the KL coefficient and the sampling and mini-batch generators' states."""
+
+    def __init__(self, command: str, cfg: Config, placement, init_weights=None):
+        placement.check(cfg)
+        check_rl(command, cfg, placement.dp_size)
+        kernels.configure(cfg.kernels.backend, **cfg.kernels.overrides())
+        rl, device = cfg.rl, placement.device
+        task = StageTask(cfg)  # tokenizer and chat template from data.tokenizer or model.init_from
+        self.cfg = cfg = with_vocab(cfg, task.vocab_size)
+        self.command, self.placement = command, placement
+        tok = task.tokenizer
+        prompts, self.skipped = read_prompts(cfg.data.path, tok, task.template if rl.chat_template else None,
+                                             cfg.model.max_seq_len - rl.max_new_tokens, cfg.data.on_error)
+        if len(prompts) < rl.rollout_batch:
+            raise ConfigError(f"{cfg.data.path} holds {len(prompts)} usable prompts, fewer than "
+                              f"rl.rollout_batch={rl.rollout_batch}")
+        reward = load_reward_fn(rl.reward_fn) if rl.reward_fn else load_reward_model(rl.reward_model, tok, device)
+        torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
+        policy = task.new_transformer(cfg, device, init_weights)
+        reference = copy.deepcopy(policy).requires_grad_(False)
+        value_model = None
+        if command == "ppo":
+            value_model = (ValueModel.from_reward_model(reward) if isinstance(reward, RewardModel)
+                           else ValueModel(copy.deepcopy(policy))).to(device)
+        policy = task.adapt(policy, cfg)  # LoRA: only the policy's adapters train (the value model fully)
+        policy, reference = placement.prepare(policy, cfg), placement.prepare(reference, cfg)
+        if isinstance(reward, RewardModel):
+            reward = placement.prepare(reward, cfg)
+        self.engine = placement.engine(policy, cfg)
+        optimizers, self.companions = [self.engine.optimizer], {}
+        rows = RankRows() if placement.dp_size > 1 else LocalRows()
+        tcfg = trainer_config(command, rl, cfg)
+        if value_model is not None:
+            value_engine = placement.engine(placement.prepare(value_model, cfg), cfg)
+            optimizers.append(value_engine.optimizer)
+            self.companions["value_model"] = value_engine
+            self.trainer = PPOTrainer(policy, reference, value_engine.model, reward, optimizers, tcfg,
+                                      eos_id=tok.eos_id, pad_id=tok.pad_id, rows=rows)
+        else:
+            self.trainer = GRPOTrainer(policy, reference, reward, optimizers, tcfg, eos_id=tok.eos_id,
+                                       pad_id=tok.pad_id, rows=rows)
+        self.optimizers = optimizers
+        self.loader = SampleLoader(list(enumerate(prompts)), list, rl.rollout_batch // placement.dp_size,
+                                   placement.dp_rank, placement.dp_size, seed=cfg.train.seed)
+        self.run_dir = Path(cfg.train.run_dir)
+        if placement.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        self.checkpointer = placement.checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                                   task.tokenizer_files)
+        self.step = 0
+        self.stop_requested = self.stopped_early = False
+        ckpt = resume_path(cfg.checkpoint.resume, self.checkpointer)
+        if ckpt is not None:
+            self.resume(ckpt)
+
+    def state_dict(self) -> dict:
+        """This rank's run state; the checkpointer adds the models and optimizers."""
+        state = {"step": self.step, "loader": self.loader.state_dict(),
+                 "rng": {"sampling": self.trainer.generator.get_state(), "shuffle": self.trainer.shuffle.get_state()}}
+        if isinstance(self.trainer, PPOTrainer):
+            state["kl_coef"] = self.trainer.kl_ctl.value
+        return state
+
+    def resume(self, ckpt: Path) -> None:
+        """Continue from `ckpt`. Saved under another data-parallel layout, the prompt order and the
+        sampling streams cannot be replayed: the prompts restart at the next epoch and the
+        generators are seeded afresh from the step, with a warning."""
+        state = self.checkpointer.load(ckpt, self.engine, self.companions)
+        self.step = state["step"]
+        if isinstance(self.trainer, PPOTrainer):
+            self.trainer.kl_ctl.value = state["kl_coef"]
+        if self.loader.resumable_from(state["loader"]) and "rng" in state:
+            self.loader.load_state_dict(state["loader"])
+            self.trainer.generator.set_state(state["rng"]["sampling"])
+            self.trainer.shuffle.set_state(state["rng"]["shuffle"])
+            return
+        self.loader.epoch = state["loader"]["epoch"] + 1
+        seed = prompt_seed(self.cfg.train.seed, self.step, 0)
+        self.trainer.generator.manual_seed(seed + self.placement.rank)
+        self.trainer.shuffle.manual_seed(seed ^ SHUFFLE_STREAM)
+        warnings.warn(f"{ckpt} was saved under another data-parallel layout: models, optimizers and the KL "
+                      f"coefficient are restored, the prompts restart at epoch {self.loader.epoch}", stacklevel=2)
+
+    def save(self) -> Path:
+        return self.checkpointer.save(self.step, self.engine, self.state_dict(), to_toml(self.cfg), self.companions)
+
+    def request_stop(self) -> None:
+        """Checkpoint after the current step and return (preemption, SIGTERM); signal-handler safe."""
+        self.stop_requested = True
+
+    def fit(self) -> dict[str, float]:
+        """Iterate to train.steps (or a requested stop, every rank at the same step), checkpointing
+        on checkpoint.every and at the end; the last step's metrics."""
+        cfg, rl, placement = self.cfg, self.cfg.rl, self.placement
+        logger = placement.metrics(self.run_dir, cfg.log.tensorboard, self.step or None)  # resumed: keep earlier records
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=self.command, unit="step", mininterval=1.0,
+                   dynamic_ncols=True, disable=not (cfg.log.progress and placement.rank == 0))
+        batches, metrics = iter(self.loader), {}  # empty when a resumed run had nothing left to do
+        while self.step < cfg.train.steps:
+            lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+            for opt in self.optimizers:
+                set_lr(opt, lr)
+            self.step += 1
+            batch = next(batches)
+            seeds = [prompt_seed(cfg.train.seed, self.step, i) for i, _ in batch] if rl.seed_per_prompt else None
+            metrics = {**rl_step(self.trainer, [p for _, p in batch], seeds, cfg.parallel.reshard_after_forward,
+                                 placement.device), "lr": lr, "data_skipped": self.skipped}
+            stopping = self.engine.any_rank(self.stop_requested)
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or stopping:
+                logger.log(self.step, metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.2f}", refresh=False)
+            bar.update()
+            if stopping:
+                self.stopped_early = True
+                break
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
+                self.save()
+        bar.close()
+        if metrics:
+            self.save()
+        self.checkpointer.wait()
+        logger.close()
+        return metrics

@@ -5,6 +5,8 @@
                      /run_config.toml      the whole resolved run config
                      /trainer_state.pt     optimizer, step, RNG and data-loader state
                      /tokenizer.json       the tokenizer, so a checkpoint stands alone
+                     /<companion>/         a second model trained beside the first (PPO's value
+                                           model): its model.safetensors and optimizer.pt
 
 Sharded checkpoints (`tessera.distributed`) share the directory convention, `config.json` and
 the tokenizer, and hold DCP shards (`.metadata`, `*.distcp`) instead of `model.safetensors`;
@@ -35,9 +37,10 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -62,11 +65,31 @@ def write_run_files(directory: Path, model_cfg: ModelConfig, run_config: str, at
         shutil.copy(f, directory / Path(f).name)
 
 
+def save_companion(directory: Path, engine) -> None:
+    directory.mkdir()
+    save_model(engine.model, str(directory / "model.safetensors"))
+    torch.save(engine.optimizer.state_dict(), directory / "optimizer.pt")
+
+
+def companion_dir(path: Path, name: str) -> Path:
+    """`path/name`; FileNotFoundError when the checkpoint was saved without that companion."""
+    if not (path / name).is_dir():
+        raise FileNotFoundError(f"{path} holds no {name}/: it was not saved by a run that trains one")
+    return path / name
+
+
+def load_companion(directory: Path, engine) -> None:
+    load_model(engine.model, str(directory / "model.safetensors"), device=str(next(engine.model.parameters()).device))
+    engine.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+
+
 class Checkpointer:
     """Single-process checkpoints of an engine (its `model` and `optimizer`) and the trainer's state.
 
     `save(step, engine, state)` / `load(path, engine) -> state` is the interface the trainer uses;
     the sharded and DeepSpeed checkpointers in `tessera.distributed` implement the same one.
+    `companions` (name -> engine) are saved into and loaded from the same step directory, so a
+    second trained model (PPO's value model) is never out of step with the first.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 2, attachments: tuple[Path, ...] = ()):
@@ -75,7 +98,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.attachments = attachments
 
-    def save(self, step: int, engine, state: dict, run_config: str = "") -> Path:
+    def save(self, step: int, engine, state: dict, run_config: str = "", companions: dict | None = None) -> Path:
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".step_{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,6 +106,8 @@ class Checkpointer:
         save_model(engine.model, str(tmp / "model.safetensors"))
         torch.save({**state, "optimizer": engine.optimizer.state_dict()}, tmp / "trainer_state.pt")
         write_run_files(tmp, engine.model.cfg, run_config, self.attachments)
+        for name, companion in (companions or {}).items():
+            save_companion(tmp / name, companion)
         _fsync_tree(tmp)
         publish(tmp, final)
         self.prune()
@@ -91,11 +116,15 @@ class Checkpointer:
     def wait(self) -> None:
         """Finish any save still in flight (the sharded checkpointer saves asynchronously on request)."""
 
-    def load(self, path: str | Path, engine) -> dict:
-        """Restore weights and optimizer into `engine`; return the trainer's state."""
+    def load(self, path: str | Path, engine, companions: dict | None = None) -> dict:
+        """Restore weights and optimizer into `engine` (and each companion); return the trainer's state."""
+        path = Path(path)
+        directories = {name: companion_dir(path, name) for name in companions or {}}
         load_weights(engine.model, path)
         state = load_trainer_state(path)
         engine.optimizer.load_state_dict(state.pop("optimizer"))
+        for name, directory in directories.items():
+            load_companion(directory, companions[name])
         return state
 
     def steps(self) -> list[Path]:

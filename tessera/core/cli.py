@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from tessera.core.cli_prompting import add_prompting_parsers
 from tessera.core.cli_train import EXIT_INTERRUPTED, TrainingInterrupted, cmd_rl, cmd_train
 from tessera.core.config import ConfigError
 
@@ -212,6 +213,7 @@ def parser() -> argparse.ArgumentParser:
         st = sub.add_parser(stage, help=f"{stage.upper()} with a reward model or function: tessera {stage} "
                                         "CONFIG.toml --section.key=value ...")
         st.add_argument("config", help="TOML config (data.path: {\"prompt\": ...} lines; [rl]: reward and knobs)")
+        st.add_argument("--resume", help="'auto' or a checkpoint directory")
         st.set_defaults(func=cmd_rl, takes_overrides=True)
 
     ge = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -307,6 +309,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     sv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sv.set_defaults(func=cmd_serve)
+
+    add_prompting_parsers(sub)
     return p
 
 

@@ -54,24 +54,34 @@ def cmd_train(args, overrides: list[str]) -> None:
 
 def cmd_rl(args, overrides: list[str]) -> None:
     """`tessera ppo | grpo`: the placement from the environment as for the other stages, and the
-    rollout-and-update loop of `alignment.rl_run` in place of the trainer."""
-    from tessera.alignment.rl_run import run_rl
+    rollout-and-update loop of `alignment.rl_run` in place of the trainer; signals as for training."""
+    from tessera.alignment.rl_run import RLRun
     from tessera.core.config import load_config
     from tessera.distributed.env import destroy
     from tessera.distributed.placement import placement_for
 
+    if args.resume:
+        overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
     cfg, init_weights = _init_from(load_config(args.config, overrides))
     try:
         placement = placement_for(cfg)
-        metrics, final = run_rl(args.command, cfg, placement, init_weights)
+        run = RLRun(args.command, cfg, placement, init_weights)
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda *_: run.request_stop())
+        start = run.step
+        metrics = run.fit()
     finally:
         destroy()
     if placement.rank == 0:
         keys = ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_len")
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in keys)
-        print(f"trained {cfg.train.steps} {args.command} steps in {cfg.train.run_dir}: {summary}; policy in {final}")
-        if cfg.lora.r > 0:
-            _export_lora(final, cfg)
+        verb = "stopped at request after" if run.stopped_early else "trained"
+        print(f"{verb} {args.command} steps {start}..{run.step} in {cfg.train.run_dir}: {summary}; "
+              f"policy in {run.checkpointer.latest()}")
+        if cfg.lora.r > 0 and not run.stopped_early:
+            _export_lora(run.checkpointer.latest(), cfg)
+    if run.stopped_early:
+        raise TrainingInterrupted(f"checkpointed step {run.step} of {cfg.train.steps}; resume with --resume auto")
 
 
 def _export_lora(ckpt, cfg) -> None:

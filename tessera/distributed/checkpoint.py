@@ -2,6 +2,7 @@
 
     <dir>/step_000500/.metadata, __R_0.distcp   model + optimizer, by parameter name and global offset
                      /rank{R}.pt                 per-rank extras (data-loader state, RNG), torch.save
+                     /<companion>/.metadata, ...  a second trained model (PPO's value model), DCP too
 
 DCP stores each shard with its place in the global tensor, so a checkpoint saved under one layout
 (FSDP over 2 ranks) loads into another (FSDP over 4, TP, or a plain single-process model).
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from tessera.core.checkpoint import Checkpointer, publish, write_run_files
+from tessera.core.checkpoint import Checkpointer, companion_dir, publish, write_run_files
 from tessera.core.config import ModelConfig, to_dict
 from tessera.core.model import Transformer
 
@@ -147,9 +148,9 @@ class ShardedCheckpointer(Checkpointer):
         self._async_group = dist.new_group(backend="gloo") if async_save and _world_size() > 1 else None
         self._pending: tuple | None = None
 
-    def save(self, step: int, engine, state: dict, run_config: str = "") -> Path:
+    def save(self, step: int, engine, state: dict, run_config: str = "", companions: dict | None = None) -> Path:
         if not _distributed() or _world_size() == 1:
-            return super().save(step, engine, state, run_config)
+            return super().save(step, engine, state, run_config, companions)
         self.wait()
 
         def run_files(tmp: Path) -> None:
@@ -158,6 +159,9 @@ class ShardedCheckpointer(Checkpointer):
         final = self.directory / f"step_{step:06d}"
         tmp, future = _start_sharded_save(self.directory, step, engine.model, engine.optimizer, state, run_files,
                                           self._async_group)
+        for name, companion in (companions or {}).items():
+            model_sd, optim_sd = get_state_dict(companion.model, companion.optimizer, options=OPTIONS)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / name))
         self._pending = (future, tmp, final)
         if future is None:
             self.wait()
@@ -176,13 +180,16 @@ class ShardedCheckpointer(Checkpointer):
             self.prune()
         _barrier()
 
-    def load(self, path: str | Path, engine) -> dict:
+    def load(self, path: str | Path, engine, companions: dict | None = None) -> dict:
         path = Path(path)
         if not (path / ".metadata").exists():
             if _world_size() == 1:
-                return super().load(path, engine)
+                return super().load(path, engine, companions)
             raise ValueError(f"{path} is a single-process checkpoint; continue it with one process, or start "
                              "a sharded run from its weights (model.init_from)")
+        directories = {name: companion_dir(path, name) for name in companions or {}}
+        for name, directory in directories.items():
+            load_sharded(directory, companions[name].model, companions[name].optimizer)
         state = load_sharded(path, engine.model, engine.optimizer)
         if state is not None:
             return state
