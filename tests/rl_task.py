@@ -1,7 +1,6 @@
 """The checkable RL task of tests/test_ppo.py and tests/test_grpo.py: a tiny char-level policy
 from random init learns to answer with the letter 'a' (reward: the fraction of response tokens
 that are 'a')."""
-import pytest
 import torch
 
 from tessera.core.config import ModelConfig
@@ -11,15 +10,6 @@ from tessera.core.tokenizer import train_char
 LETTERS = "abcdefgh"
 TOK = train_char([LETTERS + ":"])
 A = TOK.encode("a")[0]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models spend their time in synchronisation with two threads on shared cores: ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(seed=0, max_seq_len=32):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from tessera.alignment.grpo import GRPOConfig, GRPOTrainer, k3_kl
-from rl_task import TOK, fraction_of_a, one_thread, prompts, tiny  # noqa: F401  (one_thread: an autouse fixture)
+from rl_task import TOK, fraction_of_a, prompts, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer(cfg, lr=3e-3, reward=fraction_of_a):

@@ -10,7 +10,9 @@ import torch
 from tessera.alignment.ppo import KLController, PPOConfig, PPOTrainer, ValueModel, token_rewards
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rollout import generate_rollouts, policy_logprobs, score
-from rl_task import TOK, fraction_of_a, one_thread, prompts, tiny  # noqa: F401  (one_thread: an autouse fixture)
+from rl_task import TOK, fraction_of_a, prompts, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer(cfg, reward=fraction_of_a, lr=3e-3, policy=None, value_model=None):

@@ -27,13 +27,7 @@ QUESTIONS = [{"question": "What is 2+2?", "answer": " 4 "}, {"question": "What i
              {"question": "What is 5+5?"}]
 EXAMPLES = [{"question": "What is 1+1?", "reasoning": "One and one make two.", "answer": "2"}]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_checkpoint(directory, model, chat_template=None):

@@ -129,10 +129,9 @@ def test_two_fsdp_ranks_match_one_process(work, command, extra, losses):
     generate(work, f"{run}2/merged" if run == "ppo_lora" else f"{run}2")
 
 
-def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys):
+def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys, one_thread):
     """A checkpoint laid out as `tessera rm` writes it (body.* + value_head.*, config.json, tokenizer) as
     the reward and the start of the value model; in this process, one thread."""
-    import torch
     from safetensors.torch import save_model
 
     from tessera.alignment.reward import RewardModel
@@ -150,22 +149,13 @@ def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys):
             f"--data.tokenizer={json.dumps(str(work / 'tok'))}", "--rl.reward_fn=\"\"",
             f"--rl.reward_model={json.dumps(str(work / 'rm'))}", f"--train.run_dir={json.dumps(str(work / 'ppo_rm'))}",
             "--train.steps=2", "--rl.rollout_batch=8", "--rl.mini_batch_size=4"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        status = main(args)
-    finally:
-        torch.set_num_threads(threads)
-    assert status == 0, capsys.readouterr().err[-2000:]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
     records = read_metrics(work / "ppo_rm")
     assert len(records) == 2 and all(abs(r["reward"]) < 10 and r["value_loss"] >= 0 for r in records)
     capsys.readouterr()
-    torch.set_num_threads(1)
-    try:  # the value model, started from the reward model's body, resumes from its companion directory
-        status = main([*args[:-3], "--train.steps=3", "--rl.rollout_batch=8", "--rl.mini_batch_size=4",
-                       "--checkpoint.resume=\"auto\""])
-    finally:
-        torch.set_num_threads(threads)
+    # the value model, started from the reward model's body, resumes from its companion directory
+    status = main([*args[:-3], "--train.steps=3", "--rl.rollout_batch=8", "--rl.mini_batch_size=4",
+                   "--checkpoint.resume=\"auto\""])
     assert status == 0, capsys.readouterr().err[-2000:]
     assert [r["step"] for r in read_metrics(work / "ppo_rm")] == [1, 2, 3]
     assert (work / "ppo_rm" / "checkpoints" / "step_000003" / "value_model" / "model.safetensors").exists()

@@ -13,7 +13,8 @@ def test_scaling_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "scaling_cpu.json").read_text())
     rows = {(r["world"], r["layout"]): r for r in result["rows"]}
-    assert set(rows) == {(1, "single"), (2, "ddp"), (2, "fsdp"), (2, "tp"), (2, "tp_sp")}
+    assert set(rows) == {(1, "single"), (2, "ddp"), (2, "fsdp"), (2, "tp"), (2, "tp_sp"), (2, "zero1"), (2, "zero2"),
+                         (2, "zero3")}
     for r in rows.values():
         assert "skipped" not in r, r
         assert r["tokens_per_s"] > 0 and r["median_step_s"] > 0
