@@ -120,10 +120,13 @@ def test_two_fsdp_ranks_match_one_process(work, command, extra, losses):
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and "read through its merged/ export" in refused.stderr
     assert len(one) == len(two) == 4
+    worst = 0.0
     for key in ("reward", "kl", "kl_coef" if command == "ppo" else "flat_groups", "entropy", "clipfrac", *losses):
         a, b = [r[key] for r in one], [r[key] for r in two]
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4 * max(1.0, *map(abs, a)), (key, a, b)
-    print(f"tessera {run}: 2 FSDP ranks = 1 process, losses {[r[losses[0]] for r in two]}")
+        gap = max(abs(x - y) for x, y in zip(a, b)) / max(1.0, *map(abs, a))
+        assert gap < 1e-4, (key, a, b)
+        worst = max(worst, gap)
+    print(f"tessera {run}: 2 FSDP ranks = 1 process within {worst:.1e}, {losses[0]} {[r[losses[0]] for r in two]}")
     ckpt = work / f"{run}2" / "checkpoints" / "step_000004"
     assert (ckpt / ".metadata").exists() and (ckpt / "rank1.pt").exists()  # the placement's sharded checkpointer
     generate(work, f"{run}2/merged" if run == "ppo_lora" else f"{run}2")
@@ -189,7 +192,8 @@ def test_sigterm_checkpoints_exits_3_and_auto_resume_finishes(work):
 
     run = work / "grpo_stop"
     cmd = [sys.executable, "-m", "tessera", "grpo", str(work / "empty.toml"), *COMMON,
-           f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}", f"--data.tokenizer={json.dumps(str(work / 'tok'))}",
+           f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}",
+           f"--data.tokenizer={json.dumps(str(work / 'tok'))}",
            f"--train.run_dir={json.dumps(str(run))}", "--train.steps=10000", "--rl.rollout_batch=4",
            "--rl.group_size=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}

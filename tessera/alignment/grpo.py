@@ -20,7 +20,9 @@ from tessera.alignment.losses import group_advantages, masked_mean, ppo_policy_l
 from tessera.alignment.ppo import SHUFFLE_STREAM, optimizer_step, trainable_parameters
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rows import LocalRows
-from tessera.alignment.rollout import RewardFn, generate_rollouts, minibatches, policy_logprobs, score
+from tessera.alignment.rollout import (
+    RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, minibatches, policy_logprobs, score,
+)
 from tessera.core.model import Transformer
 
 
@@ -107,17 +109,13 @@ class GRPOTrainer:
         rollout = generate_rollouts(self.policy, [p for p in prompts for _ in range(group)],
                                     cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id, self.generator,
                                     None if seeds is None else [s for s in seeds for _ in range(group)])
-        scores = rows.gather(score(rollout, self.reward), unit=group)
-        tokens = rows.gather(rollout.tokens, unit=group, pad=self.pad_id)
-        response_mask = rows.gather(rollout.response_mask, unit=group)
+        tokens, response_mask, scores = gather_rollout(rows, rollout, score(rollout, self.reward), self.pad_id, group)
         mask = response_mask[:, 1:]
         order = torch.randperm(total, generator=self.shuffle).to(mask.device)
-        old_logp, ref_logp = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
-        for idx in order.split(mini):
-            idx = rows.mine(idx)
-            old_logp[idx] = policy_logprobs(self.policy, tokens[idx], response_mask[idx], cfg.temperature)[0]
-            ref_logp[idx] = policy_logprobs(self.reference, tokens[idx], response_mask[idx], cfg.temperature)[0]
-        old_logp, ref_logp = rows.sum(old_logp), rows.sum(ref_logp)
+        old_logp, ref_logp = first_epoch_rows(
+            rows, order, mini, mask.shape, mask.device,
+            lambda i: policy_logprobs(self.policy, tokens[i], response_mask[i], cfg.temperature)[0],
+            lambda i: policy_logprobs(self.reference, tokens[i], response_mask[i], cfg.temperature)[0])
         advantages = group_advantages(scores, group)[:, None] * mask
         groups = scores.view(-1, group)
         metrics = {"reward": scores.mean().item(), "reward_std": scores.std().item(),

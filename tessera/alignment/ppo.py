@@ -24,7 +24,8 @@ from tessera.alignment.losses import gae, masked_mean, ppo_policy_loss, ppo_valu
 from tessera.alignment.reward import RewardModel, ScalarHeadModel
 from tessera.alignment.rows import LocalRows
 from tessera.alignment.rollout import (
-    RewardFn, generate_rollouts, last_response_index, minibatches, policy_logprobs, score,
+    RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, last_response_index, minibatches,
+    policy_logprobs, score,
 )
 from tessera.core.model import Transformer
 
@@ -188,17 +189,14 @@ class PPOTrainer:
             m.eval()
         rollout = generate_rollouts(self.policy, prompts, cfg.max_new_tokens, cfg.temperature, self.eos_id,
                                     self.pad_id, self.generator, seeds)
-        scores = rows.gather(score(rollout, self.reward))
-        tokens, response_mask = rows.gather(rollout.tokens, pad=self.pad_id), rows.gather(rollout.response_mask)
+        tokens, response_mask, scores = gather_rollout(rows, rollout, score(rollout, self.reward), self.pad_id)
         action_mask = response_mask[:, 1:]
         order = torch.randperm(cfg.rollout_batch, generator=self.shuffle).to(tokens.device)
-        logp, ref_logp, values = (torch.zeros(action_mask.shape, device=tokens.device) for _ in range(3))
-        for idx in order.split(cfg.mini_batch_size):
-            idx = rows.mine(idx)
-            logp[idx] = policy_logprobs(self.policy, tokens[idx], response_mask[idx], cfg.temperature)[0]
-            ref_logp[idx] = policy_logprobs(self.reference, tokens[idx], response_mask[idx], cfg.temperature)[0]
-            values[idx] = self.value_model(tokens[idx])[:, :-1]
-        logp, ref_logp, values = rows.sum(logp), rows.sum(ref_logp), rows.sum(values)
+        logp, ref_logp, values = first_epoch_rows(
+            rows, order, cfg.mini_batch_size, action_mask.shape, tokens.device,
+            lambda i: policy_logprobs(self.policy, tokens[i], response_mask[i], cfg.temperature)[0],
+            lambda i: policy_logprobs(self.reference, tokens[i], response_mask[i], cfg.temperature)[0],
+            lambda i: self.value_model(tokens[i])[:, :-1])
         rewards, kl = token_rewards(scores, logp, ref_logp, action_mask, self.kl_ctl.value)
         advantages, returns = gae(rewards, values, action_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from tessera.alignment.losses import sequence_logprobs
 from tessera.alignment.reward import RewardModel
+from tessera.alignment.rows import LocalRows
 from tessera.core.generate import Sampling, generate_tokens
 from tessera.core.model import Transformer
 
@@ -97,6 +98,26 @@ def policy_logprobs(model: nn.Module, tokens: torch.Tensor, response_mask: torch
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) * response_mask[:, 1:]
     return logp, entropy
+
+
+def gather_rollout(rows: LocalRows, rollout: Rollout, scores: torch.Tensor, pad_id: int, unit: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's `tokens`, `response_mask` and `scores`, in the order one process would hold them."""
+    return (rows.gather(rollout.tokens, unit, pad=pad_id), rows.gather(rollout.response_mask, unit),
+            rows.gather(scores, unit))
+
+
+def first_epoch_rows(rows: LocalRows, order: torch.Tensor, size: int, shape: torch.Size, device: torch.device,
+                     *per_row: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Each `per_row(indices) -> (len(indices), S - 1)` over the whole batch, computed by every rank
+    on its slice of every first-epoch mini-batch (`size` rows of `order`) and summed over ranks: the
+    first mini-batch's update then sees the rollout's numbers computed on exactly its rows."""
+    outs = [torch.zeros(shape, device=device) for _ in per_row]
+    for idx in order.split(size):
+        idx = rows.mine(idx)
+        for out, fn in zip(outs, per_row):
+            out[idx] = fn(idx)
+    return [rows.sum(out) for out in outs]
 
 
 def minibatches(first_order: torch.Tensor, epochs: int, size: int, generator: torch.Generator):
