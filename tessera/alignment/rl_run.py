@@ -299,7 +299,7 @@ class RLRun:
         """Iterate to train.steps (or a requested stop, every rank at the same step), checkpointing
         on checkpoint.every and at the end; the last step's metrics."""
         cfg, rl, placement = self.cfg, self.cfg.rl, self.placement
-        logger = placement.metrics(self.run_dir, cfg.log.tensorboard, self.step or None)  # resumed: earlier records kept
+        logger = placement.metrics(self.run_dir, cfg.log.tensorboard, self.step or None)  # resumed: keeps records
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=self.command, unit="step", mininterval=1.0,
                    dynamic_ncols=True, disable=not (cfg.log.progress and placement.rank == 0))
         batches, metrics = iter(self.loader), {}  # empty when a resumed run had nothing left to do
