@@ -97,22 +97,30 @@ def test_ppo_raises_the_reward_with_an_adaptive_kl(work):
     assert fraction_of_a(generate(work, "ppo")) >= 0.5
 
 
-@pytest.mark.parametrize("command, extra, losses", [
-    ("grpo", ["--rl.rollout_batch=6", "--rl.group_size=4", "--rl.mini_batch_size=12", "--rl.kl_coef=0.2"],
-     ("policy_loss", "kl_loss")),
-    ("ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--rl.kl_target=3.0", "--rl.kl_horizon=100"],
-     ("policy_loss", "value_loss")),
-    ("ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"],
-     ("policy_loss", "value_loss")),
-], ids=["grpo", "ppo", "ppo_lora"])
-def test_two_fsdp_ranks_match_one_process(work, command, extra, losses):
-    """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt); the rows
-    gathered, so PPO whitens over all of them, and mini-batches drawn from one shared permutation
-    (GRPO's of 12 rows cut across its groups of 4), token means over the whole mini-batch."""
+GRPO = ["--rl.rollout_batch=6", "--rl.group_size=4", "--rl.mini_batch_size=12", "--rl.kl_coef=0.2"]
+PPO = ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--rl.kl_target=3.0", "--rl.kl_horizon=100"]
+FSDP2 = ["--parallel.dp_shard=2"]
+TP2 = ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"]
+FSDP2_TP2 = ["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.sequence_parallel=false"]
+
+
+@pytest.mark.parametrize("run, command, extra, layout, nproc, losses", [
+    ("grpo", "grpo", GRPO, FSDP2, 2, ("policy_loss", "kl_loss")),
+    ("ppo", "ppo", PPO, FSDP2, 2, ("policy_loss", "value_loss")),
+    ("ppo_lora", "ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"], FSDP2,
+     2, ("policy_loss", "value_loss")),
+    ("ppo_tp", "ppo", PPO, TP2, 2, ("policy_loss", "value_loss")),
+    ("grpo_fsdp_tp", "grpo", GRPO, FSDP2_TP2, 4, ("policy_loss", "kl_loss")),
+], ids=["grpo", "ppo", "ppo_lora", "ppo_tp", "grpo_fsdp_tp"])
+def test_ranks_match_one_process(work, run, command, extra, layout, nproc, losses):
+    """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt). FSDP2: the
+    rows gathered, so PPO whitens over all of them, and mini-batches drawn from one shared
+    permutation (GRPO's of 12 rows cut across its groups of 4), token means over the whole
+    mini-batch. TP: the ranks of a TP group decode the same rows in step, each with the KV cache of
+    its heads; on FSDP x TP the rows are gathered over the data-parallel peers of each TP index."""
     args = (command, "--train.steps=4", "--rl.epochs=2", "--rl.seed_per_prompt=true", *extra)
-    run = f"{command}_lora" if "--lora.r=4" in extra else command
     one = train(work, args[0], f"{run}1", *args[1:])
-    two = train(work, args[0], f"{run}2", *args[1:], "--parallel.dp_shard=2", nproc=2)
+    two = train(work, args[0], f"{run}2", *args[1:], *layout, nproc=nproc)
     if run == "ppo_lora":  # only the adapters trained, and they were exported beside the merged policy
         assert (work / "ppo_lora2" / "adapter" / "adapter.safetensors").exists()
         assert (work / "ppo_lora2" / "merged" / "model.safetensors").exists()
@@ -126,7 +134,7 @@ def test_two_fsdp_ranks_match_one_process(work, command, extra, losses):
         gap = max(abs(x - y) for x, y in zip(a, b)) / max(1.0, *map(abs, a))
         assert gap < 1e-4, (key, a, b)
         worst = max(worst, gap)
-    print(f"tessera {run}: 2 FSDP ranks = 1 process within {worst:.1e}, {losses[0]} {[r[losses[0]] for r in two]}")
+    print(f"tessera {run}: {' '.join(layout)} = 1 process within {worst:.1e}, {losses[0]} {[r[losses[0]] for r in two]}")
     ckpt = work / f"{run}2" / "checkpoints" / "step_000004"
     assert (ckpt / ".metadata").exists() and (ckpt / "rank1.pt").exists()  # the placement's sharded checkpointer
     generate(work, f"{run}2/merged" if run == "ppo_lora" else f"{run}2")
@@ -211,6 +219,15 @@ def test_sigterm_checkpoints_exits_3_and_auto_resume_finishes(work):
                            "--resume", "auto"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["step"] for r in read_metrics(run)][-3:] == [stopped, stopped + 1, stopped + 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (TP2[:2], "parallel.sequence_parallel with parallel.tp=2: decoding feeds one token at a time"),
+    ([*TP2, "--lora.r=4"], "lora.r=4 with parallel.tp=2: LoRA adapters are not tensor-parallel"),
+])
+def test_layouts_rl_cannot_run_exit_2_naming_the_reason(work, extra, message):
+    proc = tessera(work, "grpo", "bad_layout", "--train.steps=1", "--rl.rollout_batch=4", *extra, nproc=2)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("extra, data, message", [

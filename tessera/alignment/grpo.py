@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.alignment.losses import group_advantages, masked_mean, ppo_policy_loss
-from tessera.alignment.ppo import SHUFFLE_STREAM, optimizer_step, trainable_parameters
+from tessera.alignment.ppo import SHUFFLE_STREAM, GradNorm, local_grad_norm, optimizer_step, trainable_parameters
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rows import LocalRows
 from tessera.alignment.rollout import (
@@ -76,12 +76,13 @@ class GRPOTrainer:
     mode (no dropout), so an unchanged policy reproduces its rollout log-probs exactly.
 
     `rows` spreads the batch over data-parallel ranks (`rows.RankRows`), each passing its share of
-    the prompts and sampling their groups; one process by default.
+    the prompts and sampling their groups; one process by default. `grad_norm` as in `PPOTrainer`.
     """
 
     def __init__(self, policy: Transformer, reference: Transformer, reward: RewardModel | RewardFn,
                  optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: GRPOConfig,
-                 eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None):
+                 eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None,
+                 grad_norm: GradNorm = local_grad_norm):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.reward = policy, reference, reward
@@ -91,6 +92,7 @@ class GRPOTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + self.rows.rank)  # sampling: each rank its own
         self.shuffle = torch.Generator().manual_seed(cfg.seed ^ SHUFFLE_STREAM)  # mini-batches: shared
         self.params = trainable_parameters({"policy": policy}, self.optimizers)
+        self.grad_norm = grad_norm
 
     @torch.no_grad()
     def collect(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None
@@ -137,7 +139,7 @@ class GRPOTrainer:
             kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
             scale = self.rows.token_share(mask)
             optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
-                           cfg.max_grad_norm)
+                           cfg.max_grad_norm, self.grad_norm)
             ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]
             history.append({"policy_loss": policy_loss.item() * scale, "kl_loss": kl_loss.item() * scale,
                             "clipfrac": stats["clipfrac"].item() * scale,

@@ -14,7 +14,7 @@ rollout log-probs exactly.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,13 +127,25 @@ def trainable_parameters(models: dict[str, nn.Module], optimizers: Sequence[torc
     return params
 
 
+GradNorm = Callable[[list[nn.Parameter]], torch.Tensor]  # parameters -> the L2 norm of their gradients
+
+
+def local_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """One process (or gradients that are all DTensors of one mesh)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer],
-                   max_grad_norm: float | None) -> None:
+                   max_grad_norm: float | None, grad_norm: GradNorm = local_grad_norm) -> None:
+    """Backward, then all gradients scaled together to a global norm of at most `max_grad_norm`."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        with_grad = [p for p in params if p.grad is not None]
+        coef = min(1.0, max_grad_norm / (grad_norm(with_grad).item() + 1e-6))
+        for p in with_grad:
+            p.grad.mul_(coef)
     for opt in optimizers:
         opt.step()
 
@@ -158,11 +170,13 @@ class PPOTrainer:
     and the value model (one optimizer over both, or one each); with LoRA only the adapters are
     trainable, and only they are clipped and stepped. `rows` spreads the batch over data-parallel
     ranks (`rows.RankRows`), each passing its share of the prompts; one process by default.
+    `grad_norm` measures gradients however the models are spread (the placement's `grad_norm`).
     """
 
     def __init__(self, policy: Transformer, reference: Transformer, value_model: ValueModel,
                  reward: RewardModel | RewardFn, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None):
+                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None,
+                 grad_norm: GradNorm = local_grad_norm):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.value_model, self.reward = policy, reference, value_model, reward
@@ -173,6 +187,7 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + self.rows.rank)  # sampling: each rank its own
         self.shuffle = torch.Generator().manual_seed(cfg.seed ^ SHUFFLE_STREAM)  # mini-batches: shared
         self.params = trainable_parameters({"policy": policy, "value_model": value_model}, self.optimizers)
+        self.grad_norm = grad_norm
 
     @torch.no_grad()
     def collect(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None
@@ -224,7 +239,7 @@ class PPOTrainer:
         value_loss = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip)
         scale = self.rows.token_share(mask)
         optimizer_step((policy_loss + cfg.vf_coef * value_loss) * scale, self.params, self.optimizers,
-                       cfg.max_grad_norm)
+                       cfg.max_grad_norm, self.grad_norm)
         ratio = torch.exp(logp - exp.old_logp[idx]).detach()[mask]
         return {"policy_loss": policy_loss.item() * scale, "value_loss": value_loss.item() * scale,
                 "clipfrac": stats["clipfrac"].item() * scale, "approx_kl": stats["approx_kl"].item() * scale,

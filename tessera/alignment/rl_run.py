@@ -124,9 +124,15 @@ def check_rl(command: str, cfg: Config, dp_size: int) -> None:
                           f"must split evenly: the rows into mini-batches, and both over {dp_size} data-parallel "
                           "rank(s)")
     p = cfg.parallel
-    if p.tp > 1 or p.engine != "fsdp":
-        raise ConfigError("tessera ppo | grpo run on FSDP2/DDP ranks without parallel.tp > 1 or parallel.engine="
-                          "'deepspeed' (not yet)")
+    if p.engine != "fsdp":
+        raise ConfigError("tessera ppo | grpo run on FSDP2/HSDP/DDP/TP ranks, not parallel.engine='deepspeed' (not "
+                          "yet: the rollouts decode on weights gathered by FSDP2, and ZeRO's gather is not wired in)")
+    if p.tp > 1 and p.sequence_parallel:
+        raise ConfigError(f"parallel.sequence_parallel with parallel.tp={p.tp}: decoding feeds one token at a time, "
+                          "which cannot be split along the sequence; valid: sequence_parallel = false")
+    if p.tp > 1 and cfg.lora.r > 0:
+        raise ConfigError(f"lora.r={cfg.lora.r} with parallel.tp={p.tp}: LoRA adapters are not tensor-parallel "
+                          "(not yet); valid: lora.r = 0, or parallel.tp = 1 with dp_shard")
 
 
 def trainer_config(command: str, rl: RLConfig, cfg: Config) -> PPOConfig | GRPOConfig:
@@ -234,17 +240,17 @@ class RLRun:
             reward = placement.prepare(reward, cfg)
         self.engine = placement.engine(policy, cfg)
         optimizers, self.companions = [self.engine.optimizer], {}
-        rows = RankRows() if placement.dp_size > 1 else LocalRows()
+        rows = RankRows(placement.dp_group()) if placement.dp_size > 1 else LocalRows()
         tcfg = trainer_config(command, rl, cfg)
         if value_model is not None:
             value_engine = placement.engine(placement.prepare(value_model, cfg), cfg)
             optimizers.append(value_engine.optimizer)
             self.companions["value_model"] = value_engine
             self.trainer = PPOTrainer(policy, reference, value_engine.model, reward, optimizers, tcfg,
-                                      eos_id=tok.eos_id, pad_id=tok.pad_id, rows=rows)
+                                      eos_id=tok.eos_id, pad_id=tok.pad_id, rows=rows, grad_norm=placement.grad_norm)
         else:
             self.trainer = GRPOTrainer(policy, reference, reward, optimizers, tcfg, eos_id=tok.eos_id,
-                                       pad_id=tok.pad_id, rows=rows)
+                                       pad_id=tok.pad_id, rows=rows, grad_norm=placement.grad_norm)
         self.optimizers = optimizers
         self.loader = SampleLoader(list(enumerate(prompts)), list, rl.rollout_batch // placement.dp_size,
                                    placement.dp_rank, placement.dp_size, seed=cfg.train.seed)
@@ -283,7 +289,7 @@ class RLRun:
             return
         self.loader.epoch = state["loader"]["epoch"] + 1
         seed = prompt_seed(self.cfg.train.seed, self.step, 0)
-        self.trainer.generator.manual_seed(seed + self.placement.rank)
+        self.trainer.generator.manual_seed(seed + self.placement.dp_rank)
         self.trainer.shuffle.manual_seed(seed ^ SHUFFLE_STREAM)
         warnings.warn(f"{ckpt} was saved under another data-parallel layout: models, optimizers and the KL "
                       f"coefficient are restored, the prompts restart at epoch {self.loader.epoch}", stacklevel=2)

@@ -41,12 +41,14 @@ class LocalRows:
 
 
 class RankRows(LocalRows):
-    """The ranks of the default process group, each holding an equal share of the prompts. The
-    loaders deal a batch's prompts round-robin (rank r holds prompts r, r + size, ...), so the
-    gathered rows are interleaved back into that order."""
+    """The data-parallel ranks of `group` (None: the default group), each holding an equal share of
+    the prompts; under TP, `group` is this rank's data-parallel peers of the same TP index, whose
+    TP peers hold the same rows. The loaders deal a batch's prompts round-robin (rank r holds
+    prompts r, r + size, ...), so the gathered rows are interleaved back into that order."""
 
-    def __init__(self):
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
 
     def gather(self, x: torch.Tensor, unit: int = 1, pad: int = 0) -> torch.Tensor:
         if x.dim() not in (1, 2):
@@ -54,17 +56,17 @@ class RankRows(LocalRows):
         wire = x.to(torch.uint8) if x.dtype == torch.bool else x  # gloo gathers no bool tensors
         if x.dim() == 2:
             width = torch.tensor([x.shape[1]], device=x.device)
-            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            dist.all_reduce(width, op=dist.ReduceOp.MAX, group=self.group)
             wire = F.pad(wire, (0, int(width) - x.shape[1]), value=pad)
         parts = [torch.empty_like(wire) for _ in range(self.size)]
-        dist.all_gather(parts, wire.contiguous())
+        dist.all_gather(parts, wire.contiguous(), group=self.group)
         stacked = torch.stack(parts).to(x.dtype)  # (ranks, rows, ...)
         blocks = stacked.reshape(self.size, -1, unit, *wire.shape[1:]).transpose(0, 1)
         return blocks.reshape(-1, *wire.shape[1:])
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=self.group)
         return x
 
     def mine(self, idx: torch.Tensor) -> torch.Tensor:
@@ -75,5 +77,5 @@ class RankRows(LocalRows):
     def token_share(self, mask: torch.Tensor) -> float:
         count = mask.sum().to(torch.float64).reshape(1)
         total = count.clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=self.group)
         return (count * self.size / total).item()

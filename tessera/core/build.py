@@ -74,6 +74,14 @@ class Placement:
         """One writer per run: the first rank's logger, nothing on the others."""
         return MetricsLogger(run_dir, tensorboard, resume_step) if self.rank == 0 else NullMetrics()
 
+    def dp_group(self):
+        """The process group of this rank's data-parallel peers; None: the default group."""
+        return None
+
+    def grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """The L2 norm of the gradients of `params`, over however the placement spread them."""
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
 
 def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
     """The checkpoint that checkpoint.resume names: none, the newest complete one ("auto"), or a path."""

@@ -85,8 +85,8 @@ def generate(
         if use_cache and (cache is None or fed == window):
             if cache is not None:  # the window is full: keep its last half and rebuild
                 tokens, mask = tokens[:, -(window // 2):], mask[:, -(window // 2):]
-            cfg = model.cfg
-            cache = KVCache(cfg.n_layers, len(prompts), cfg.kv_heads, cfg.head_dim, window,
+            heads = model.layers[0].attn.n_kv_heads  # those this process holds (a share under TP)
+            cache = KVCache(model.cfg.n_layers, len(prompts), heads, model.cfg.head_dim, window,
                             device, next(model.parameters()).dtype)
             fed = 0
         if use_cache:

@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
 from tessera.core.build import Placement, resolve_device
 from tessera.core.checkpoint import Checkpointer
 from tessera.core.config import Config, ConfigError
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
 from tessera.distributed.checkpoint import ShardedCheckpointer
-from tessera.distributed.engine import DistributedEngine
+from tessera.distributed.engine import DistributedEngine, total_grad_norm
 from tessera.distributed.env import DistributedEnv, init_distributed
 from tessera.distributed.mesh import ParallelDims
 from tessera.distributed.parallelize import parallelize
@@ -55,6 +59,18 @@ class ParallelPlacement(Placement):
 
     def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
         return ShardedCheckpointer(directory, keep_last, attachments, self.async_save)
+
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """This rank's data-parallel peers (the ranks of its TP index, TP being innermost); None,
+        the default group, when every rank is a data-parallel rank. Collective: every rank calls it."""
+        tp = self.dims.tp
+        if tp == 1:
+            return None
+        groups = [dist.new_group([d * tp + t for d in range(self.dp_size)]) for t in range(tp)]
+        return groups[self.rank % tp]
+
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        return total_grad_norm(params)
 
 
 def placement_for(cfg: Config) -> Placement:
