@@ -1,6 +1,7 @@
 """`tessera grpo | ppo` end to end: a tiny char-level policy from random init learns to answer with
 the letter 'a' (reward: tests/rl_rewards.py, imported by the run as `rl_rewards:fraction_of_a`),
-on one process and on 2 FSDP ranks; the final checkpoint generates; bad input exits 2."""
+on one process and on FSDP and TP ranks; runs resume; the final checkpoint generates; bad input
+exits 2."""
 import json
 import os
 import random
@@ -33,7 +34,24 @@ def work(tmp_path_factory):
              for _ in range(256)]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (root / "empty.toml").write_text("")
+    write_reward_model(root / "rm" / "checkpoints" / "step_000001")
     return root
+
+
+def write_reward_model(ckpt):
+    """A random reward model laid out as `tessera rm` writes it: body.* + value_head.*, config.json,
+    the tokenizer."""
+    from safetensors.torch import save_model
+
+    from tessera.alignment.reward import RewardModel
+    from tessera.core.config import ModelConfig, to_dict
+    from tessera.core.model import Transformer
+
+    ckpt.mkdir(parents=True)
+    body = ModelConfig(vocab_size=rl_rewards.TOKENIZER.vocab_size, n_layers=1, d_model=32, n_heads=2, max_seq_len=32)
+    save_model(RewardModel(Transformer(body)), str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(to_dict(body)))
+    rl_rewards.TOKENIZER.save(ckpt)
 
 
 def tessera(work, command, run, *extra, nproc=1, data="prompts.jsonl"):
@@ -111,13 +129,16 @@ FSDP2_TP2 = ["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.sequence_pa
      2, ("policy_loss", "value_loss")),
     ("ppo_tp", "ppo", PPO, TP2, 2, ("policy_loss", "value_loss")),
     ("grpo_fsdp_tp", "grpo", GRPO, FSDP2_TP2, 4, ("policy_loss", "kl_loss")),
-], ids=["grpo", "ppo", "ppo_lora", "ppo_tp", "grpo_fsdp_tp"])
+    ("ppo_rm", "ppo", [*PPO, "--rl.reward_fn=\"\"", "--rl.reward_model=RM"], FSDP2, 2, ("policy_loss", "value_loss")),
+], ids=["grpo", "ppo", "ppo_lora", "ppo_tp", "grpo_fsdp_tp", "ppo_rm"])
 def test_ranks_match_one_process(work, run, command, extra, layout, nproc, losses):
     """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt). FSDP2: the
     rows gathered, so PPO whitens over all of them, and mini-batches drawn from one shared
     permutation (GRPO's of 12 rows cut across its groups of 4), token means over the whole
     mini-batch. TP: the ranks of a TP group decode the same rows in step, each with the KV cache of
-    its heads; on FSDP x TP the rows are gathered over the data-parallel peers of each TP index."""
+    its heads; on FSDP x TP the rows are gathered over the data-parallel peers of each TP index.
+    With a reward model (RM), it and the value model started from it are sharded too."""
+    extra = [e.replace("RM", json.dumps(str(work / "rm"))) if e.endswith("=RM") else e for e in extra]
     args = (command, "--train.steps=4", "--rl.epochs=2", "--rl.seed_per_prompt=true", *extra)
     one = train(work, args[0], f"{run}1", *args[1:])
     two = train(work, args[0], f"{run}2", *args[1:], *layout, nproc=nproc)
@@ -134,28 +155,17 @@ def test_ranks_match_one_process(work, run, command, extra, layout, nproc, losse
         gap = max(abs(x - y) for x, y in zip(a, b)) / max(1.0, *map(abs, a))
         assert gap < 1e-4, (key, a, b)
         worst = max(worst, gap)
-    print(f"tessera {run}: {' '.join(layout)} = 1 process within {worst:.1e}, {losses[0]} {[r[losses[0]] for r in two]}")
+    print(f"tessera {run}: {' '.join(layout)} = 1 process within {worst:.1e}, "
+          f"{losses[0]} {[r[losses[0]] for r in two]}")
     ckpt = work / f"{run}2" / "checkpoints" / "step_000004"
     assert (ckpt / ".metadata").exists() and (ckpt / "rank1.pt").exists()  # the placement's sharded checkpointer
     generate(work, f"{run}2/merged" if run == "ppo_lora" else f"{run}2")
 
 
 def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys, one_thread):
-    """A checkpoint laid out as `tessera rm` writes it (body.* + value_head.*, config.json, tokenizer) as
-    the reward and the start of the value model; in this process, one thread."""
-    from safetensors.torch import save_model
-
-    from tessera.alignment.reward import RewardModel
+    """A `tessera rm` checkpoint as the reward and the start of the value model; in this process."""
     from tessera.core.cli import main
-    from tessera.core.config import ModelConfig, to_dict
-    from tessera.core.model import Transformer
 
-    ckpt = work / "rm" / "checkpoints" / "step_000001"
-    ckpt.mkdir(parents=True)
-    body = ModelConfig(vocab_size=rl_rewards.TOKENIZER.vocab_size, n_layers=1, d_model=32, n_heads=2, max_seq_len=32)
-    save_model(RewardModel(Transformer(body)), str(ckpt / "model.safetensors"))
-    (ckpt / "config.json").write_text(json.dumps(to_dict(body)))
-    rl_rewards.TOKENIZER.save(ckpt)
     args = ["ppo", str(work / "empty.toml"), *COMMON, f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}",
             f"--data.tokenizer={json.dumps(str(work / 'tok'))}", "--rl.reward_fn=\"\"",
             f"--rl.reward_model={json.dumps(str(work / 'rm'))}", f"--train.run_dir={json.dumps(str(work / 'ppo_rm'))}",
