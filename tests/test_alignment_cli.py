@@ -84,17 +84,29 @@ def test_dpo_raises_held_out_preference_accuracy_and_margin(work):
     assert final(records, "val_accuracy") >= 0.9 and margins[-1] > margins[0] > 0, records[-3:]
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora.r=4", "--optim.lr=1e-2"]], ids=["full", "lora"])
-def test_dpo_on_two_fsdp_ranks_matches_one_process(work, lora):
+LORA = ["--lora.r=4", "--optim.lr=1e-2"]
+FSDP2 = ["--train.batch_size=8", "--parallel.dp_shard=2"]
+TP2 = ["--train.batch_size=16", "--parallel.tp=2", "--parallel.dp_shard=1"]  # sequence parallel and loss parallel
+
+
+@pytest.mark.parametrize("run, lora, layout", [("dpo", [], FSDP2), ("dpo_lora", LORA, FSDP2),
+                                              ("dpo_lora_tp", LORA, TP2)], ids=["full", "lora", "lora_tp"])
+def test_dpo_on_two_ranks_matches_one_process(work, run, lora, layout):
+    """LoRA on TP: each adapter sharded along the features its layer shards (`feature_dims`)."""
     args = ("dpo", "pairs.jsonl", "pairs_val.jsonl", "--train.steps=6", "--eval.every=0", "--log.every=1",
             "--align.beta=0.5", *lora)
-    run = "dpo_lora" if lora else "dpo"
     one = stage(work, args[0], f"{run}1", *args[1:], "--train.batch_size=16")
-    two = stage(work, args[0], f"{run}2", *args[1:], "--train.batch_size=8", "--parallel.dp_shard=2", nproc=2)
+    two = stage(work, args[0], f"{run}2", *args[1:], *layout, nproc=2)
     l1, l2 = [r["loss"] for r in one if "loss" in r], [r["loss"] for r in two if "loss" in r]
     assert len(l1) == len(l2) == 6
     assert max(abs(a - b) / abs(a) for a, b in zip(l1, l2)) < 1e-4, (l1, l2)
     assert l1[-1] < l1[0]  # adapters alone move the policy too
+    if lora:  # the merged export of the sharded run holds the one-process run's weights
+        from safetensors.torch import load_file
+
+        merged = [load_file(work / r / "merged" / "model.safetensors") for r in (f"{run}1", f"{run}2")]
+        assert merged[0].keys() == merged[1].keys()
+        assert max((merged[0][k] - merged[1][k]).abs().max().item() for k in merged[0]) < 1e-4
 
 
 def format_rate(work, ckpt) -> float:

@@ -109,6 +109,15 @@ def job_log(job_id: str, tmp: Path) -> str:
     return jobs.logs(jobs.find(job_id, tmp / "jobs"))
 
 
+def scontrol_show(job_id: str) -> str:
+    """SLURM's own view of the job and the node, and the daemons' last log lines, for failure messages."""
+    views = [subprocess.run(["scontrol", "show", what, *ids], capture_output=True, text=True).stdout
+             for what, ids in (("job", [job_id]), ("node", []))]
+    logs = [f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            for log in sorted(Path(os.environ["SLURM_CONF"]).parent.glob("slurm*.log"))]
+    return "\n".join(["", *views, *logs])
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, data, tmp_path_factory):
     """The slurm backend: one srun task running torchrun with 2 gloo ranks, to the end."""
@@ -143,7 +152,7 @@ def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(uninterru
     # keeps asking, and the deadline lets the hold run out by itself.
     deadline = time.time() + 240
     while "(restart 1)" not in job_log(job_id, tmp):
-        assert time.time() < deadline, job_log(job_id, tmp)
+        assert time.time() < deadline, job_log(job_id, tmp) + scontrol_show(job_id)
         if state(job_id, tmp) != "RUNNING":
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         time.sleep(0.5)

@@ -81,8 +81,10 @@ def test_adapters_save_alone_and_load_onto_a_fresh_base(tmp_path):
     assert size < sum(p.numel() for p in model().parameters()) * 4 / 2  # adapters only, not the base
 
 
-def test_unknown_targets_and_rank_zero_are_refused():
+def test_unknown_targets_the_lm_head_and_rank_zero_are_refused():
     with pytest.raises(ValueError, match="no linear layer named"):
         apply_lora(model(), LoraConfig(r=2, targets=("q_proj",)))
+    with pytest.raises(ValueError, match="lm_head, whose weight the loss reads directly"):
+        apply_lora(model(), LoraConfig(r=2, targets=("wq", "lm_head")))
     with pytest.raises(ValueError, match="must be >= 1"):
         apply_lora(model(), LoraConfig(r=0))

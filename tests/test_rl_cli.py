@@ -128,9 +128,11 @@ FSDP2_TP2 = ["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.sequence_pa
     ("ppo_lora", "ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"], FSDP2,
      2, ("policy_loss", "value_loss")),
     ("ppo_tp", "ppo", PPO, TP2, 2, ("policy_loss", "value_loss")),
+    ("ppo_lora_tp", "ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"], TP2,
+     2, ("policy_loss", "value_loss")),
     ("grpo_fsdp_tp", "grpo", GRPO, FSDP2_TP2, 4, ("policy_loss", "kl_loss")),
     ("ppo_rm", "ppo", [*PPO, "--rl.reward_fn=\"\"", "--rl.reward_model=RM"], FSDP2, 2, ("policy_loss", "value_loss")),
-], ids=["grpo", "ppo", "ppo_lora", "ppo_tp", "grpo_fsdp_tp", "ppo_rm"])
+], ids=["grpo", "ppo", "ppo_lora", "ppo_tp", "ppo_lora_tp", "grpo_fsdp_tp", "ppo_rm"])
 def test_ranks_match_one_process(work, run, command, extra, layout, nproc, losses):
     """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt). FSDP2: the
     rows gathered, so PPO whitens over all of them, and mini-batches drawn from one shared
@@ -159,7 +161,7 @@ def test_ranks_match_one_process(work, run, command, extra, layout, nproc, losse
           f"{losses[0]} {[r[losses[0]] for r in two]}")
     ckpt = work / f"{run}2" / "checkpoints" / "step_000004"
     assert (ckpt / ".metadata").exists() and (ckpt / "rank1.pt").exists()  # the placement's sharded checkpointer
-    generate(work, f"{run}2/merged" if run == "ppo_lora" else f"{run}2")
+    generate(work, f"{run}2/merged" if "lora" in run else f"{run}2")
 
 
 def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys, one_thread):
@@ -233,7 +235,6 @@ def test_sigterm_checkpoints_exits_3_and_auto_resume_finishes(work):
 
 @pytest.mark.parametrize("extra, message", [
     (TP2[:2], "parallel.sequence_parallel with parallel.tp=2: decoding feeds one token at a time"),
-    ([*TP2, "--lora.r=4"], "lora.r=4 with parallel.tp=2: LoRA adapters are not tensor-parallel"),
 ])
 def test_layouts_rl_cannot_run_exit_2_naming_the_reason(work, extra, message):
     proc = tessera(work, "grpo", "bad_layout", "--train.steps=1", "--rl.rollout_batch=4", *extra, nproc=2)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file, save_model
 
 from tessera.core.config import LoraConfig
@@ -21,6 +22,10 @@ DEFAULT_TARGETS = LoraConfig.targets
 
 
 class LoRALinear(nn.Linear):
+    # which dim of each adapter runs along the layer's input or output features: how tensor
+    # parallelism shards them alongside the weight (distributed.parallelize.place_feature_parameters)
+    feature_dims = {"lora_a": ("in", 1), "lora_b": ("out", 0)}
+
     def __init__(self, base: nn.Linear, cfg: LoraConfig):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
                          device=base.weight.device, dtype=base.weight.dtype)
@@ -32,10 +37,11 @@ class LoRALinear(nn.Linear):
         self.lora_a = nn.Parameter(torch.empty(cfg.r, base.in_features, device=base.weight.device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, cfg.r, device=base.weight.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # functional, not a submodule: TP styles partition every submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adapter = (self.drop(x) @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
+        x_in = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        adapter = (x_in @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
         return super().forward(x) + self.scale * adapter
 
     def merged(self) -> nn.Linear:
@@ -59,6 +65,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap the target linear layers in place and freeze everything but the adapters."""
     if cfg.r < 1:
         raise ValueError(f"lora.r={cfg.r} must be >= 1 to apply adapters")
+    if "lm_head" in cfg.targets:
+        raise ValueError("lora.targets names lm_head, whose weight the loss reads directly (fused cross-entropy), "
+                         f"so its adapter would never train; valid: {list(DEFAULT_TARGETS)}")
     for p in model.parameters():
         p.requires_grad_(False)
     found = 0

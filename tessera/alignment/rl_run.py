@@ -130,9 +130,6 @@ def check_rl(command: str, cfg: Config, dp_size: int) -> None:
     if p.tp > 1 and p.sequence_parallel:
         raise ConfigError(f"parallel.sequence_parallel with parallel.tp={p.tp}: decoding feeds one token at a time, "
                           "which cannot be split along the sequence; valid: sequence_parallel = false")
-    if p.tp > 1 and cfg.lora.r > 0:
-        raise ConfigError(f"lora.r={cfg.lora.r} with parallel.tp={p.tp}: LoRA adapters are not tensor-parallel "
-                          "(not yet); valid: lora.r = 0, or parallel.tp = 1 with dp_shard")
 
 
 def trainer_config(command: str, rl: RLConfig, cfg: Config) -> PPOConfig | GRPOConfig:

@@ -98,8 +98,6 @@ def _stage_task(command: str, cfg):
             raise ConfigError("lora.r > 0 is for fine-tuning stages (tessera sft | dpo | rm); tessera train "
                               "trains every weight")
         return None
-    if cfg.lora.r > 0 and cfg.parallel.tp > 1:
-        raise ConfigError("LoRA adapters are not tensor-parallel: with lora.r > 0 use parallel.tp=1")
     from tessera.alignment.dpo import DPOTask
     from tessera.alignment.reward import RewardTask
     from tessera.alignment.sft import SFTTask

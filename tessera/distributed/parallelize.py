@@ -19,7 +19,7 @@ from torch.distributed._composable import replicate
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -63,6 +63,22 @@ def apply_vocab_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         model.lm_head.weight = model.tok_emb.weight
 
 
+def place_feature_parameters(layer: nn.Module, tp_mesh: DeviceMesh, colwise: bool) -> None:
+    """A TP'd linear layer's extra parameters (LoRA's adapters) laid out to match the layer.
+
+    The layer names them in `feature_dims` (parameter -> ("in" | "out", dim)). A colwise layer
+    shards the dim that runs along its output features, a rowwise one the dim along its input
+    features, and the rest is replicated, so the extra branch adds no communication of its own
+    (the parallel styles themselves shard every parameter like the weight, or leave it plain).
+    """
+    for name, (features, dim) in getattr(layer, "feature_dims", {}).items():
+        param = getattr(layer, name)
+        full = param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
+        placement = Shard(dim) if (features == "out") == colwise else Replicate()
+        layer.register_parameter(name, nn.Parameter(distribute_tensor(full, tp_mesh, [placement]),
+                                                    requires_grad=param.requires_grad))
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Megatron-style TP of every block: q/k/v and up/gate by columns, wo and down by rows.
 
@@ -93,6 +109,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
+        for path, style in plan.items():
+            if isinstance(style, (ColwiseParallel, RowwiseParallel)):
+                place_feature_parameters(block.get_submodule(path), tp_mesh, isinstance(style, ColwiseParallel))
         attn.n_heads //= tp  # the attention reshapes with its local head counts
         attn.n_kv_heads //= tp
     if sequence_parallel:
@@ -161,9 +180,13 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh:
         if dims.ddp:
             raise ConfigError(f"parallel.dp_replicate={dims.dp_replicate} with parallel.tp={dims.tp} needs "
                               "parallel.dp_shard > 1 (HSDP); DDP does not take DTensor parameters")
+        frozen = {name for name, p in body.named_parameters() if not p.requires_grad}
         apply_tp(body, mesh["tp"], cfg.sequence_parallel)
         if cfg.loss_parallel:
             apply_vocab_parallel(body, mesh["tp"])
+        for name, p in body.named_parameters():  # SequenceParallel re-registers the norms as trainable
+            if name in frozen:
+                p.requires_grad_(False)
     apply_ac(body, cfg.activation_checkpoint, cfg.checkpoint_every)
     if dims.fsdp:
         dp_dims = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
