@@ -109,6 +109,12 @@ def job_log(job_id: str, tmp: Path) -> str:
     return jobs.logs(jobs.find(job_id, tmp / "jobs"))
 
 
+def first_step_ended(job_id: str) -> bool:
+    """slurmd has finished the job's first step (the controller frees the node before that)."""
+    log = Path(os.environ["SLURM_CONF"]).parent / "slurmd.log"
+    return f"[{job_id}.0] done with job" in log.read_text(errors="replace")
+
+
 def scontrol_show(job_id: str) -> str:
     """SLURM's own view of the job and the node, and the daemons' last log lines, for failure messages."""
     views = [subprocess.run(["scontrol", "show", what, *ids], capture_output=True, text=True).stdout
@@ -148,12 +154,14 @@ def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(uninterru
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
     # SLURM holds a requeued job for 120 s before it may start again. The test asks for an earlier
-    # start while the job waits, but an update that races the requeue is lost (seen in CI), so it
-    # keeps asking, and the deadline lets the hold run out by itself.
+    # start while the job waits, but only once slurmd has ended the first run's step: started
+    # before, the batch launch is refused ("Job 2 already killed", credential revoked) and the
+    # job fails (seen in CI). An update that races the requeue is lost, so it keeps asking, and
+    # the deadline lets the hold run out by itself.
     deadline = time.time() + 240
     while "(restart 1)" not in job_log(job_id, tmp):
         assert time.time() < deadline, job_log(job_id, tmp) + scontrol_show(job_id)
-        if state(job_id, tmp) != "RUNNING":
+        if state(job_id, tmp) == "PENDING" and first_step_ended(job_id):
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         time.sleep(0.5)
     assert wait_for(job_id, tmp) == "COMPLETED", job_log(job_id, tmp)
