@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from tessera.alignment.losses import group_advantages, masked_mean, ppo_policy_loss
-from tessera.alignment.ppo import SHUFFLE_STREAM, GradNorm, local_grad_norm, optimizer_step, trainable_parameters
+from tessera.alignment.ppo import SHUFFLE_STREAM, GradNorm, optimizer_step, trainable_parameters
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rows import LocalRows
 from tessera.alignment.rollout import (
     RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, minibatches, policy_logprobs, score,
 )
+from tessera.core.engine import gradient_norm
 from tessera.core.model import Transformer
 
 
@@ -82,7 +83,7 @@ class GRPOTrainer:
     def __init__(self, policy: Transformer, reference: Transformer, reward: RewardModel | RewardFn,
                  optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: GRPOConfig,
                  eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None,
-                 grad_norm: GradNorm = local_grad_norm):
+                 grad_norm: GradNorm = gradient_norm):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.reward = policy, reference, reward

@@ -27,6 +27,7 @@ from tessera.alignment.rollout import (
     RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, last_response_index, minibatches,
     policy_logprobs, score,
 )
+from tessera.core.engine import gradient_norm, scale_gradients_to
 from tessera.core.model import Transformer
 
 SHUFFLE_STREAM = 0x5EED_5EED  # the mini-batch order's generator is seeded apart from the sampling one
@@ -130,22 +131,15 @@ def trainable_parameters(models: dict[str, nn.Module], optimizers: Sequence[torc
 GradNorm = Callable[[list[nn.Parameter]], torch.Tensor]  # parameters -> the L2 norm of their gradients
 
 
-def local_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """One process (or gradients that are all DTensors of one mesh)."""
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
-
-
 def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer],
-                   max_grad_norm: float | None, grad_norm: GradNorm = local_grad_norm) -> None:
+                   max_grad_norm: float | None, grad_norm: GradNorm = gradient_norm) -> None:
     """Backward, then all gradients scaled together to a global norm of at most `max_grad_norm`."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm is not None:
         with_grad = [p for p in params if p.grad is not None]
-        coef = min(1.0, max_grad_norm / (grad_norm(with_grad).item() + 1e-6))
-        for p in with_grad:
-            p.grad.mul_(coef)
+        scale_gradients_to(with_grad, grad_norm(with_grad), max_grad_norm)
     for opt in optimizers:
         opt.step()
 
@@ -176,7 +170,7 @@ class PPOTrainer:
     def __init__(self, policy: Transformer, reference: Transformer, value_model: ValueModel,
                  reward: RewardModel | RewardFn, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
                  cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None,
-                 grad_norm: GradNorm = local_grad_norm):
+                 grad_norm: GradNorm = gradient_norm):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.value_model, self.reward = policy, reference, value_model, reward

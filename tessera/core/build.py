@@ -15,7 +15,7 @@ from tessera import kernels
 from tessera.core.checkpoint import Checkpointer, checkpoint_step
 from tessera.core.config import Config, ConfigError, to_toml
 from tessera.core.data import DataError
-from tessera.core.engine import LocalEngine
+from tessera.core.engine import LocalEngine, gradient_norm
 from tessera.core.metrics import MetricsLogger, NullMetrics, peak_flops
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
@@ -80,7 +80,7 @@ class Placement:
 
     def grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """The L2 norm of the gradients of `params`, over however the placement spread them."""
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        return gradient_norm(params)
 
 
 def resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:

@@ -24,6 +24,19 @@ def language_model_objective(model: nn.Module, batch: tuple[torch.Tensor, torch.
     return model(inputs, targets), {}
 
 
+def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the parameters' gradients (plain tensors, or DTensors of one mesh and layout)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+@torch.no_grad()
+def scale_gradients_to(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients whose global norm is `norm` to at most `max_norm` (torch's clip coefficient)."""
+    coef = min(1.0, max_norm / (norm.item() + 1e-6))
+    for p in params:
+        p.grad.mul_(coef)
+
+
 class LocalEngine:
     """A single-process engine: autocast, backward, global-norm clipping and the optimizer step."""
 
@@ -64,7 +77,7 @@ class LocalEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        return gradient_norm(params)
 
     def step(self) -> None:
         self.optimizer.step()

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from tessera.core.engine import LocalEngine
+from tessera.core.engine import LocalEngine, scale_gradients_to
 
 
 def _world_mean(value: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,5 @@ class DistributedEngine(LocalEngine):
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = total_grad_norm(params)
         if max_norm > 0:
-            coef = min(1.0, max_norm / (norm.item() + 1e-6))
-            for p in params:
-                p.grad.mul_(coef)
+            scale_gradients_to(params, norm, max_norm)
         return norm
