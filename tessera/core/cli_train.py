@@ -16,46 +16,45 @@ class TrainingInterrupted(Exception):
 
 def cmd_train(args, overrides: list[str]) -> None:
     """One code path for every layout: the placement (one process, FSDP/TP ranks, DeepSpeed) comes
-    from the environment torchrun or SLURM set, the rest is the same trainer. SIGUSR1 (SLURM's
-    preemption warning) and SIGTERM checkpoint after the current step and stop."""
+    from the environment torchrun or SLURM set, the rest is the same trainer."""
     from tessera.core.build import build_trainer
-    from tessera.core.config import load_config
-    from tessera.distributed.env import destroy
-    from tessera.distributed.placement import placement_for
 
-    if args.resume:
-        overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
-    cfg, init_weights = _init_from(load_config(args.config, overrides))
-    try:
-        placement = placement_for(cfg)
-        task = _stage_task(args.command, cfg)
-        cfg, trainer = build_trainer(cfg, placement, init_weights, task)
+    def build(cfg, placement, init_weights):
+        cfg, trainer = build_trainer(cfg, placement, init_weights, _stage_task(args.command, cfg))
         if cfg.log.gpu_telemetry and placement.device.type == "cuda" and placement.rank == 0:
             from tessera.launchers.telemetry import GpuTelemetry
 
             trainer.parts.telemetry = GpuTelemetry()
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, lambda *_: trainer.request_stop())
-        start = trainer.step
-        final = trainer.fit()
-        trainer.parts.metrics.close()
-    finally:
-        destroy()
-    if placement.rank == 0:
-        keys = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin")
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in keys)
-        verb = "stopped at request after" if trainer.stopped_early else "trained"
-        print(f"{verb} steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}")
-        if cfg.lora.r > 0 and args.command != "rm" and not trainer.stopped_early:
-            _export_lora(trainer.parts.checkpointer.latest(), cfg)
-    if trainer.stopped_early:
-        raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
+        return cfg, trainer
+
+    cfg, placement, trainer, start, final = _fit(args, overrides, build)
+    trainer.parts.metrics.close()
+    keys = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin")
+    _finish(cfg, placement, trainer, trainer.parts.checkpointer, args.command != "rm",
+            f"steps {start}..{trainer.step} in {cfg.train.run_dir}: {_summary(final, keys)}")
 
 
 def cmd_rl(args, overrides: list[str]) -> None:
-    """`tessera ppo | grpo`: the placement from the environment as for the other stages, and the
-    rollout-and-update loop of `alignment.rl_run` in place of the trainer; signals as for training."""
+    """`tessera ppo | grpo`: the rollout-and-update loop of `alignment.rl_run` in place of the trainer,
+    on the same placements, with the same signals and resume."""
     from tessera.alignment.rl_run import RLRun
+
+    def build(cfg, placement, init_weights):
+        run = RLRun(args.command, cfg, placement, init_weights)
+        return run.cfg, run
+
+    cfg, placement, run, start, metrics = _fit(args, overrides, build)
+    keys = ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_len")
+    _finish(cfg, placement, run, run.checkpointer, True,
+            f"{args.command} steps {start}..{run.step} in {cfg.train.run_dir}: {_summary(metrics, keys)}; "
+            f"policy in {run.checkpointer.latest()}")
+
+
+def _fit(args, overrides: list[str], build):
+    """The config (with --resume and model.init_from), the placement from the environment, and the
+    run `build(cfg, placement, init_weights) -> (cfg, run)` makes of them, fitted. SIGUSR1 (SLURM's
+    preemption warning) and SIGTERM ask the run to checkpoint after the current step and stop.
+    Returns (cfg, placement, run, first step, last metrics)."""
     from tessera.core.config import load_config
     from tessera.distributed.env import destroy
     from tessera.distributed.placement import placement_for
@@ -65,21 +64,27 @@ def cmd_rl(args, overrides: list[str]) -> None:
     cfg, init_weights = _init_from(load_config(args.config, overrides))
     try:
         placement = placement_for(cfg)
-        run = RLRun(args.command, cfg, placement, init_weights)
+        cfg, run = build(cfg, placement, init_weights)
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, lambda *_: run.request_stop())
         start = run.step
         metrics = run.fit()
     finally:
         destroy()
+    return cfg, placement, run, start, metrics
+
+
+def _summary(metrics: dict, keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in keys)
+
+
+def _finish(cfg, placement, run, checkpointer, exports_lora: bool, what: str) -> None:
+    """The first rank says what ran and writes a finished LoRA run's adapter/ and merged/; a run
+    stopped at request raises TrainingInterrupted (exit code 3)."""
     if placement.rank == 0:
-        keys = ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_len")
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in keys)
-        verb = "stopped at request after" if run.stopped_early else "trained"
-        print(f"{verb} {args.command} steps {start}..{run.step} in {cfg.train.run_dir}: {summary}; "
-              f"policy in {run.checkpointer.latest()}")
-        if cfg.lora.r > 0 and not run.stopped_early:
-            _export_lora(run.checkpointer.latest(), cfg)
+        print(f"{'stopped at request after' if run.stopped_early else 'trained'} {what}")
+        if exports_lora and cfg.lora.r > 0 and not run.stopped_early:
+            _export_lora(checkpointer.latest(), cfg)
     if run.stopped_early:
         raise TrainingInterrupted(f"checkpointed step {run.step} of {cfg.train.steps}; resume with --resume auto")
 
