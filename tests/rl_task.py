@@ -24,3 +24,12 @@ def fraction_of_a(prompt, response):
 
 def prompts(n, rng):
     return [TOK.encode("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 5))) + ":") for _ in range(n)]
+
+
+def summary(history):
+    """Reward sampled from the initial policy (before any update), mean reward and mean KL of the
+    last 5 steps."""
+    start = history[0]["reward"]
+    end = sum(h["reward"] for h in history[-5:]) / 5
+    kl = sum(h["kl"] for h in history[-5:]) / 5
+    return start, end, kl

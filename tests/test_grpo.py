@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessera.alignment.grpo import GRPOConfig, GRPOTrainer, k3_kl
-from rl_task import TOK, fraction_of_a, prompts, tiny
+from rl_task import TOK, fraction_of_a, prompts, summary, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,10 +27,8 @@ def run(kl_coef, steps=30):
 
 def test_grpo_raises_the_reward_while_the_kl_term_bounds_the_drift():
     history, free = run(kl_coef=0.2), run(kl_coef=0.0)
-    start = history[0]["reward"]  # sampled from the initial policy, before any update
-    end = sum(h["reward"] for h in history[-5:]) / 5
-    kl = sum(h["kl"] for h in history[-5:]) / 5
-    kl_free = sum(h["kl"] for h in free[-5:]) / 5
+    start, end, kl = summary(history)
+    kl_free = summary(free)[2]
     print(f"GRPO reward {start:.3f} -> {end:.3f}, KL {kl:.2f} nats/response (without the KL term: {kl_free:.2f})")
     assert start < 0.15
     assert end > start + 0.4

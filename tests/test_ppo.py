@@ -10,7 +10,7 @@ import torch
 from tessera.alignment.ppo import KLController, PPOConfig, PPOTrainer, ValueModel, token_rewards
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rollout import generate_rollouts, policy_logprobs, score
-from rl_task import TOK, fraction_of_a, prompts, tiny
+from rl_task import TOK, fraction_of_a, prompts, summary, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,9 +29,7 @@ def test_ppo_raises_the_reward_while_the_kl_stays_bounded():
                     kl_target=3.0, kl_horizon=500)
     ppo = trainer(cfg)
     history = [ppo.step(prompts(32, rng)) for _ in range(30)]
-    start = history[0]["reward"]  # sampled from the initial policy, before any update
-    end = sum(h["reward"] for h in history[-5:]) / 5
-    kl = sum(h["kl"] for h in history[-5:]) / 5
+    start, end, kl = summary(history)
     print(f"PPO reward {start:.3f} -> {end:.3f}, KL {kl:.2f} nats/response, kl_coef {history[-1]['kl_coef']:.3f}")
     assert start < 0.15
     assert end > start + 0.4

@@ -16,6 +16,7 @@ from tessera.core.metrics import read_metrics
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 import rl_rewards  # noqa: E402
+from rl_task import summary  # noqa: E402
 
 COMMON = ["--model.n_layers=2", "--model.d_model=48", "--model.n_heads=4", "--model.n_kv_heads=2",
           "--model.norm=\"rmsnorm\"", "--model.pos=\"rope\"", "--model.mlp=\"swiglu\"", "--model.d_ff=96",
@@ -69,13 +70,6 @@ def train(work, command, run, *extra, nproc=1):
     proc = tessera(work, command, run, *extra, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return read_metrics(work / run)
-
-
-def summary(records):
-    start = records[0]["reward"]  # sampled from the initial policy, before any update
-    end = sum(r["reward"] for r in records[-5:]) / 5
-    kl = sum(r["kl"] for r in records[-5:]) / 5
-    return start, end, kl
 
 
 def generate(work, run):
