@@ -200,6 +200,19 @@ def test_resumed_ppo_replays_the_uninterrupted_run(work, nproc):
         assert abs(read_metrics(work / "resume_one")[0]["kl_coef"] - straight[2]["kl_coef"]) < 1e-9
 
 
+def test_ppo_refuses_to_resume_a_checkpoint_without_a_value_model(work, capsys, one_thread):
+    """A GRPO checkpoint holds no value model: PPO resuming from it exits 2 naming what is missing."""
+    from tessera.core.cli import main
+
+    common = [str(work / "empty.toml"), *COMMON, f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}",
+              f"--data.tokenizer={json.dumps(str(work / 'tok'))}", "--train.steps=1", "--rl.rollout_batch=4"]
+    assert main(["grpo", *common, "--rl.group_size=2", f"--train.run_dir={json.dumps(str(work / 'no_value'))}"]) == 0
+    ckpt = work / "no_value" / "checkpoints" / "step_000001"
+    status = main(["ppo", *common, f"--train.run_dir={json.dumps(str(work / 'no_value_ppo'))}",
+                   f"--checkpoint.resume={json.dumps(str(ckpt))}"])
+    assert status == 2 and "holds no value_model/" in capsys.readouterr().err
+
+
 def test_sigterm_checkpoints_exits_3_and_auto_resume_finishes(work):
     import signal
     import time
