@@ -38,7 +38,7 @@ setup(
         "deepspeed": [DEEPSPEED],
         "interop": INTEROP,
         "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2", TRITON,
-                 "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", *INTEROP],
+                 "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", "import-linter>=2.1", *INTEROP],
     },
-    entry_points={"console_scripts": ["tessera=tessera.core.cli:main"]},
+    entry_points={"console_scripts": ["tessera=tessera.cli.main:main"]},
 )

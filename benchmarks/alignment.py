@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tessera.alignment import rollout  # noqa: E402
-from tessera.alignment.dpo import DPOConfig, dpo_step_loss, precompute_reference  # noqa: E402
-from tessera.alignment.ppo import PPOConfig, PPOTrainer, ValueModel  # noqa: E402
+from tessera.alignment.dpo import dpo_step_loss, precompute_reference  # noqa: E402
+from tessera.alignment.ppo import PPOTrainer, ValueModel  # noqa: E402
 from tessera.alignment.preference_data import Pair, collate  # noqa: E402
-from tessera.core.config import ModelConfig  # noqa: E402
+from tessera.core.config import AlignConfig, ModelConfig, RLConfig  # noqa: E402
 from tessera.core.metrics import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from tessera.core.model import Transformer  # noqa: E402
 
@@ -124,7 +124,7 @@ def run_dpo(size: dict, device: torch.device, reference_model: bool) -> dict:
         reference = None  # the point of precomputing: the reference's memory is free for the run
     memory.start()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)
-    cfg = DPOConfig()
+    cfg = AlignConfig()
     times, cpu = [], []
     for i, batch in enumerate(batches):
         sync(device)
@@ -164,8 +164,8 @@ def run_ppo(size: dict, device: torch.device) -> dict:
     reference = copy.deepcopy(policy).requires_grad_(False)
     value_model = ValueModel(new_model(size, 1, device)).to(device)
     opt = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=1e-5, weight_decay=0.0)
-    cfg = PPOConfig(rollout_batch=size["rollout_batch"], mini_batch_size=size["mini_batch"],
-                    ppo_epochs=size["ppo_epochs"], max_new_tokens=size["new_tokens"], seed=0)
+    cfg = RLConfig(rollout_batch=size["rollout_batch"], mini_batch_size=size["mini_batch"], epochs=size["ppo_epochs"],
+                   max_new_tokens=size["new_tokens"], kl_coef=0.1, kl_target=6.0)
     trainer = PPOTrainer(policy, reference, value_model, lambda p, r: sum(t % 2 == 0 for t in r) / len(r), opt, cfg,
                          eos_id=None, pad_id=PAD)
     generation = Timer(rollout.generate_tokens, device)

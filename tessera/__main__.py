@@ -1,5 +1,5 @@
 import sys
 
-from tessera.core.cli import main
+from tessera.cli.main import main
 
 sys.exit(main())

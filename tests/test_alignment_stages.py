@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from tessera.alignment.dpo import DPOConfig, dpo_step_loss, precompute_reference
+from tessera.alignment.dpo import dpo_step_loss, precompute_reference
 from tessera.alignment.preference_data import collate, encode_pair
 from tessera.alignment.reward import RewardModel, reward_step_loss
 from tessera.alignment.sft_data import DEFAULT_CHAT_TEMPLATE
-from tessera.core.config import ModelConfig
+from tessera.core.config import AlignConfig, ModelConfig
 from tessera.core.model import Transformer
 from tessera.core.tokenizer import train_char
 
@@ -66,7 +66,7 @@ def test_dpo_raises_held_out_preference_accuracy_and_margin(task):
     tok, train_batches, held_out = task
     policy = tiny(tok.vocab_size)
     reference = copy.deepcopy(policy).requires_grad_(False)
-    cfg = DPOConfig(beta=0.5)
+    cfg = AlignConfig(beta=0.5)
     precompute_reference(reference, train_batches)
     with torch.no_grad():
         start_loss, start = dpo_step_loss(policy, held_out[0], cfg, reference)
@@ -83,7 +83,7 @@ def test_dpo_variants_train_too(task, kind, smoothing):
     tok, train_batches, held_out = task
     policy = tiny(tok.vocab_size, seed=1)
     reference = copy.deepcopy(policy).requires_grad_(False)
-    cfg = DPOConfig(beta=0.5, loss=kind, label_smoothing=smoothing)
+    cfg = AlignConfig(beta=0.5, loss=kind, label_smoothing=smoothing)
     train(policy.parameters(), lambda b: dpo_step_loss(policy, b, cfg, reference), train_batches[:6], epochs=2, lr=3e-3)
     with torch.no_grad():
         _, end = dpo_step_loss(policy, held_out[0], cfg, reference)

@@ -115,7 +115,7 @@ def test_divergence_exits_1_and_keeps_the_last_good_checkpoint(trained, tmp_path
 
 
 def test_plan_command(capsys):
-    from tessera.core.cli import main
+    from tessera.cli.main import main
 
     assert main(["plan", "--model", "llama-70b", "--gpus", "256", "--gpu-mem", "80", "--seq", "8192",
                  "--dp-shard", "32", "--tp", "8", "--ac", "full"]) == 0

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from tessera.core.config import Config, ConfigError, load_config, parse_override, to_toml
-from tessera.core.cli import main
+from tessera.cli.main import main
 
 
 def write(tmp_path, text):

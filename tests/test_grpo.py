@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from tessera.alignment.grpo import GRPOConfig, GRPOTrainer, k3_kl
+from tessera.alignment.grpo import GRPOTrainer, k3_kl
+from tessera.core.config import RLConfig
 from rl_task import TOK, fraction_of_a, prompts, summary, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,7 +22,7 @@ def trainer(cfg, lr=3e-3, reward=fraction_of_a):
 
 def run(kl_coef, steps=30):
     rng = random.Random(0)
-    grpo = trainer(GRPOConfig(group_size=8, mini_batch_size=16, epochs=2, max_new_tokens=8, kl_coef=kl_coef))
+    grpo = trainer(RLConfig(group_size=8, mini_batch_size=16, epochs=2, max_new_tokens=8, kl_coef=kl_coef))
     return [grpo.step(prompts(8, rng)) for _ in range(steps)]
 
 
@@ -49,7 +50,7 @@ def test_k3_is_zero_at_equality_and_never_negative():
 
 
 def test_advantages_are_group_relative_and_the_first_ratio_is_exactly_one():
-    grpo = trainer(GRPOConfig(group_size=4, mini_batch_size=8, epochs=1, max_new_tokens=8))
+    grpo = trainer(RLConfig(group_size=4, mini_batch_size=8, epochs=1, max_new_tokens=8, kl_coef=0.04))
     batch, metrics = grpo.collect(prompts(4, random.Random(1)))
     mask = batch.response_mask[:, 1:]
     assert batch.tokens.shape[0] == 16 and metrics["flat_groups"] < 1
@@ -69,15 +70,15 @@ def test_advantages_are_group_relative_and_the_first_ratio_is_exactly_one():
 
 def test_bad_setups_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="group_size=1"):
-        GRPOConfig(group_size=1)
-    grpo = trainer(GRPOConfig(group_size=4, mini_batch_size=6))
+        trainer(RLConfig(group_size=1))
+    grpo = trainer(RLConfig(group_size=4, mini_batch_size=6))
     with pytest.raises(ValueError, match="must divide"):
         grpo.step(prompts(2, random.Random(0)))
     policy = tiny(0)
     with pytest.raises(ValueError, match="frozen copy"):
-        GRPOTrainer(policy, policy, fraction_of_a, torch.optim.AdamW(policy.parameters()), GRPOConfig())
+        GRPOTrainer(policy, policy, fraction_of_a, torch.optim.AdamW(policy.parameters()), RLConfig())
     with pytest.raises(ValueError, match="no optimizer steps"):
         GRPOTrainer(policy, copy.deepcopy(policy), fraction_of_a, torch.optim.AdamW([policy.tok_emb.weight]),
-                    GRPOConfig())
+                    RLConfig())
     with pytest.raises(ValueError, match="RewardModel or a function"):
-        trainer(GRPOConfig(group_size=2, max_new_tokens=2), reward="fraction").step(prompts(1, random.Random(0)))
+        trainer(RLConfig(group_size=2, max_new_tokens=2), reward="fraction").step(prompts(1, random.Random(0)))

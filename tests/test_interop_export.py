@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_model
 
 from tessera import kernels
-from tessera.core.cli import main
+from tessera.cli.main import main
 from tessera.core.config import ModelConfig
 from tessera.core.generate import Sampling, generate_tokens
 from tessera.core.model import Transformer

@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-from tessera.alignment.ppo import KLController, PPOConfig, PPOTrainer, ValueModel, token_rewards
+from tessera.alignment.ppo import KLController, PPOTrainer, ValueModel, token_rewards
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rollout import generate_rollouts, policy_logprobs, score
+from tessera.core.config import RLConfig
 from rl_task import TOK, fraction_of_a, prompts, summary, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +26,7 @@ def trainer(cfg, reward=fraction_of_a, lr=3e-3, policy=None, value_model=None):
 
 def test_ppo_raises_the_reward_while_the_kl_stays_bounded():
     rng = random.Random(0)
-    cfg = PPOConfig(rollout_batch=32, mini_batch_size=8, ppo_epochs=2, max_new_tokens=8, kl_coef=0.05,
+    cfg = RLConfig(rollout_batch=32, mini_batch_size=8, epochs=2, max_new_tokens=8, kl_coef=0.05,
                     kl_target=3.0, kl_horizon=500)
     ppo = trainer(cfg)
     history = [ppo.step(prompts(32, rng)) for _ in range(30)]
@@ -92,7 +93,7 @@ def test_rollout_masks_hold_the_response_only():
 
 
 def test_an_unchanged_policy_has_a_ratio_of_exactly_one():
-    cfg = PPOConfig(rollout_batch=16, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8)
+    cfg = RLConfig(rollout_batch=16, mini_batch_size=4, epochs=1, max_new_tokens=8, kl_coef=0.1, kl_target=6.0)
     ppo = trainer(cfg)
     experience, _ = ppo.collect(prompts(16, random.Random(1)))
     history = ppo.update(experience)
@@ -104,7 +105,7 @@ def test_an_unchanged_policy_has_a_ratio_of_exactly_one():
 
 def test_ppo_with_a_reward_model_and_a_value_model_from_it():
     rm = RewardModel(tiny(2))
-    cfg = PPOConfig(rollout_batch=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4)
+    cfg = RLConfig(rollout_batch=8, mini_batch_size=4, epochs=1, max_new_tokens=4, kl_coef=0.1, kl_target=6.0)
     ppo = trainer(cfg, reward=rm, value_model=ValueModel.from_reward_model(rm))
     rollout = generate_rollouts(ppo.policy, prompts(8, random.Random(2)), 4, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
     with torch.no_grad():
@@ -115,15 +116,15 @@ def test_ppo_with_a_reward_model_and_a_value_model_from_it():
 
 def test_bad_setups_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="must divide"):
-        PPOConfig(rollout_batch=10, mini_batch_size=4)
+        trainer(RLConfig(rollout_batch=10, mini_batch_size=4))
     with pytest.raises(ValueError, match="temperature"):
-        PPOConfig(temperature=0.0)
+        RLConfig(temperature=0.0)
     policy, value_model = tiny(0), ValueModel(tiny(1))
     with pytest.raises(ValueError, match="frozen copy"):
-        PPOTrainer(policy, policy, value_model, fraction_of_a, torch.optim.AdamW(policy.parameters()), PPOConfig())
+        PPOTrainer(policy, policy, value_model, fraction_of_a, torch.optim.AdamW(policy.parameters()), RLConfig())
     with pytest.raises(ValueError, match="value_model.body"):
         PPOTrainer(policy, copy.deepcopy(policy), value_model, fraction_of_a,
-                   torch.optim.AdamW(policy.parameters()), PPOConfig())
-    ppo = trainer(PPOConfig(rollout_batch=4, mini_batch_size=2))
+                   torch.optim.AdamW(policy.parameters()), RLConfig())
+    ppo = trainer(RLConfig(rollout_batch=4, mini_batch_size=2))
     with pytest.raises(ValueError, match="rollout_batch=4"):
         ppo.step(prompts(3, random.Random(0)))

@@ -11,7 +11,7 @@ from tessera.alignment.cot import Example, cot_prompt, extract_answer
 from tessera.alignment.critique import critique_and_revise
 from tessera.alignment.sft_data import DEFAULT_CHAT_TEMPLATE, render
 from tessera.alignment.text_generation import text_generator
-from tessera.core.cli import main
+from tessera.cli.main import main
 from tessera.core.config import ModelConfig, to_dict
 from tessera.core.model import Transformer
 from tessera.core.tokenizer import train_char

@@ -160,7 +160,7 @@ def test_ranks_match_one_process(work, run, command, extra, layout, nproc, losse
 
 def test_ppo_scored_by_a_reward_model_checkpoint(work, capsys, one_thread):
     """A `tessera rm` checkpoint as the reward and the start of the value model; in this process."""
-    from tessera.core.cli import main
+    from tessera.cli.main import main
 
     args = ["ppo", str(work / "empty.toml"), *COMMON, f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}",
             f"--data.tokenizer={json.dumps(str(work / 'tok'))}", "--rl.reward_fn=\"\"",
@@ -202,7 +202,7 @@ def test_resumed_ppo_replays_the_uninterrupted_run(work, nproc):
 
 def test_ppo_refuses_to_resume_a_checkpoint_without_a_value_model(work, capsys, one_thread):
     """A GRPO checkpoint holds no value model: PPO resuming from it exits 2 naming what is missing."""
-    from tessera.core.cli import main
+    from tessera.cli.main import main
 
     common = [str(work / "empty.toml"), *COMMON, f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}",
               f"--data.tokenizer={json.dumps(str(work / 'tok'))}", "--train.steps=1", "--rl.rollout_batch=4"]
@@ -262,7 +262,7 @@ def test_layouts_rl_cannot_run_exit_2_naming_the_reason(work, extra, message):
 ])
 def test_bad_input_exits_2_naming_the_problem(work, capsys, extra, data, message):
     """In this process (the checks come before any training), with the command line's exit status."""
-    from tessera.core.cli import main
+    from tessera.cli.main import main
 
     (work / "bad.jsonl").write_text('{"prompt": "ab:"}\n{"text": "ab:"}\n')
     (work / "long.jsonl").write_text(json.dumps({"prompt": "ab" * 15}) + "\n")

@@ -7,22 +7,13 @@ which frees the reference's memory for the rest of the run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from tessera.alignment.losses import dpo_loss, sequence_logprobs
 from tessera.alignment.preference_data import Pair, collate, read_pairs
 from tessera.alignment.stage import StageTask
-from tessera.core.config import Config
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # > 0: conservative DPO
-    loss: str = "sigmoid"  # or "ipo"
+from tessera.core.config import AlignConfig, Config
 
 
 def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,7 +31,7 @@ def precompute_reference(reference: nn.Module, batches: list[dict[str, torch.Ten
         batch["ref_logps"] = response_logprobs(reference, batch).float()
 
 
-def dpo_step_loss(policy: nn.Module, batch: dict[str, torch.Tensor], cfg: DPOConfig,
+def dpo_step_loss(policy: nn.Module, batch: dict[str, torch.Tensor], cfg: AlignConfig,
                   reference: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO loss of one collated batch of pairs (chosen rows first, then rejected)."""
     if "ref_logps" in batch:
@@ -61,7 +52,7 @@ class DPOTask(StageTask):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.cfg = DPOConfig(cfg.align.beta, cfg.align.label_smoothing, cfg.align.loss)
+        self.cfg = cfg.align
         self.reference: nn.Module | None = None
         self.train_pairs = self._read(cfg, cfg.data.path)
         self.val_pairs = self._read(cfg, cfg.align.val_path) if cfg.align.val_path else None
@@ -72,7 +63,7 @@ class DPOTask(StageTask):
     def build_model(self, cfg: Config, device: torch.device, init_weights) -> nn.Module:
         return self.adapt(self.new_transformer(cfg, device, init_weights), cfg)
 
-    def attach(self, placement, cfg: Config, init_weights) -> None:
+    def attach(self, placement, cfg: Config, engine, init_weights) -> None:
         reference = self.new_transformer(cfg, placement.device, init_weights).requires_grad_(False)
         reference = placement.prepare(reference, cfg)
         if cfg.align.reference == "model":

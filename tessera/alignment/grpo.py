@@ -21,35 +21,17 @@ from tessera.alignment.ppo import SHUFFLE_STREAM, GradNorm, optimizer_step, trai
 from tessera.alignment.reward import RewardModel
 from tessera.alignment.rows import LocalRows
 from tessera.alignment.rollout import (
-    RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, minibatches, policy_logprobs, score,
+    RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, merge_history, minibatches, policy_logprobs,
+    score,
 )
+from tessera.core.config import ConfigError, RLConfig
 from tessera.core.engine import gradient_norm
 from tessera.core.model import Transformer
 
 
-@dataclass(frozen=True)
-class GRPOConfig:
-    group_size: int = 8  # samples per prompt
-    mini_batch_size: int = 0  # rows per optimizer step over all ranks; 0: the whole batch (prompts x group_size)
-    epochs: int = 1  # passes over each batch (GRPO's mu); 1 with whole-batch steps: plain policy gradient
-    clip: float = 0.2
-    kl_coef: float = 0.04  # beta
-    max_grad_norm: float | None = 1.0
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(f"grpo.group_size={self.group_size} must be >= 2: advantages are relative to the group")
-        for name in ("epochs", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"grpo.{name}={getattr(self, name)} must be >= 1")
-        if self.mini_batch_size < 0:
-            raise ValueError(f"grpo.mini_batch_size={self.mini_batch_size} must be >= 0 (0: the whole batch)")
-        if self.clip <= 0 or self.kl_coef < 0 or self.temperature <= 0:
-            raise ValueError(f"grpo.clip={self.clip} and grpo.temperature={self.temperature} must be > 0, "
-                             f"grpo.kl_coef={self.kl_coef} >= 0")
+def check_group_size(cfg: RLConfig) -> None:
+    if cfg.group_size < 2:
+        raise ConfigError(f"rl.group_size={cfg.group_size} must be >= 2: GRPO's advantages are relative to the group")
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -81,17 +63,19 @@ class GRPOTrainer:
     """
 
     def __init__(self, policy: Transformer, reference: Transformer, reward: RewardModel | RewardFn,
-                 optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: GRPOConfig,
+                 optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: RLConfig,
                  eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None,
-                 grad_norm: GradNorm = gradient_norm):
+                 grad_norm: GradNorm = gradient_norm, max_grad_norm: float | None = 1.0, seed: int = 0):
+        check_group_size(cfg)
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.reward = policy, reference, reward
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         self.cfg, self.eos_id, self.pad_id = cfg, eos_id, pad_id
+        self.max_grad_norm = max_grad_norm
         self.rows = rows or LocalRows()
-        self.generator = torch.Generator().manual_seed(cfg.seed + self.rows.rank)  # sampling: each rank its own
-        self.shuffle = torch.Generator().manual_seed(cfg.seed ^ SHUFFLE_STREAM)  # mini-batches: shared
+        self.generator = torch.Generator().manual_seed(seed + self.rows.rank)  # sampling: each rank its own
+        self.shuffle = torch.Generator().manual_seed(seed ^ SHUFFLE_STREAM)  # mini-batches: shared
         self.params = trainable_parameters({"policy": policy}, self.optimizers)
         self.grad_norm = grad_norm
 
@@ -106,7 +90,7 @@ class GRPOTrainer:
         total = len(prompts) * group * rows.size
         mini = cfg.mini_batch_size or total
         if total % mini:
-            raise ValueError(f"grpo.mini_batch_size={mini} must divide prompts x group_size = {total}")
+            raise ValueError(f"rl.mini_batch_size={mini} must divide prompts x rl.group_size = {total}")
         self.policy.eval()
         self.reference.eval()
         rollout = generate_rollouts(self.policy, [p for p in prompts for _ in range(group)],
@@ -140,7 +124,7 @@ class GRPOTrainer:
             kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
             scale = self.rows.token_share(mask)
             optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
-                           cfg.max_grad_norm, self.grad_norm)
+                           self.max_grad_norm, self.grad_norm)
             ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]
             history.append({"policy_loss": policy_loss.item() * scale, "kl_loss": kl_loss.item() * scale,
                             "clipfrac": stats["clipfrac"].item() * scale,
@@ -158,9 +142,4 @@ class GRPOTrainer:
         `ratio_min`/`ratio_max` over all mini-batches.
         """
         batch, metrics = self.collect(prompts)
-        history = self.update(batch)
-        for key in ("policy_loss", "kl_loss", "clipfrac", "entropy"):
-            metrics[key] = sum(h[key] for h in history) / len(history)
-        metrics["ratio_min"] = min(h["ratio_min"] for h in history)
-        metrics["ratio_max"] = max(h["ratio_max"] for h in history)
-        return metrics
+        return merge_history(metrics, self.update(batch))

@@ -24,51 +24,14 @@ from tessera.alignment.losses import gae, masked_mean, ppo_policy_loss, ppo_valu
 from tessera.alignment.reward import RewardModel, ScalarHeadModel
 from tessera.alignment.rows import LocalRows
 from tessera.alignment.rollout import (
-    RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, last_response_index, minibatches,
+    RewardFn, first_epoch_rows, gather_rollout, generate_rollouts, last_response_index, merge_history, minibatches,
     policy_logprobs, score,
 )
+from tessera.core.config import RLConfig
 from tessera.core.engine import gradient_norm, scale_gradients_to
 from tessera.core.model import Transformer
 
 SHUFFLE_STREAM = 0x5EED_5EED  # the mini-batch order's generator is seeded apart from the sampling one
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    rollout_batch: int = 64  # prompts (and so responses) per step, over all ranks
-    mini_batch_size: int = 16  # rows per optimizer step, over all ranks; divides rollout_batch
-    ppo_epochs: int = 4  # passes over each rollout batch
-    clip: float = 0.2  # policy ratio clip
-    value_clip: float = 0.2  # how far a value may move from its rollout value before it is clipped
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.1  # initial coefficient of the per-token KL penalty
-    kl_target: float | None = 6.0  # per-sequence KL the adaptive controller aims at; None: fixed coefficient
-    kl_horizon: int = 10000  # samples over which the adaptive controller closes the gap
-    whiten_advantages: bool = True
-    vf_coef: float = 0.1
-    max_grad_norm: float | None = 1.0
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("rollout_batch", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")
-        if self.rollout_batch % self.mini_batch_size:
-            raise ValueError(f"ppo.mini_batch_size={self.mini_batch_size} must divide "
-                             f"ppo.rollout_batch={self.rollout_batch}")
-        if self.clip <= 0 or self.value_clip <= 0:
-            raise ValueError(f"ppo.clip={self.clip} and ppo.value_clip={self.value_clip} must be > 0")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"ppo.gamma={self.gamma} and ppo.lam={self.lam} must be in [0, 1]")
-        if self.kl_coef < 0:
-            raise ValueError(f"ppo.kl_coef={self.kl_coef} must be >= 0")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise ValueError(f"ppo.kl_target={self.kl_target} must be > 0 (or None for a fixed coefficient)")
-        if self.temperature <= 0:
-            raise ValueError(f"ppo.temperature={self.temperature} must be > 0")
 
 
 class KLController:
@@ -169,17 +132,19 @@ class PPOTrainer:
 
     def __init__(self, policy: Transformer, reference: Transformer, value_model: ValueModel,
                  reward: RewardModel | RewardFn, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-                 cfg: PPOConfig, eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None,
-                 grad_norm: GradNorm = gradient_norm):
+                 cfg: RLConfig, eos_id: int | None = None, pad_id: int = 0, rows: LocalRows | None = None,
+                 grad_norm: GradNorm = gradient_norm, max_grad_norm: float | None = 1.0, seed: int = 0):
         if reference is policy:
             raise ValueError("the reference must be a frozen copy of the policy, not the policy itself")
         self.policy, self.reference, self.value_model, self.reward = policy, reference, value_model, reward
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         self.cfg, self.eos_id, self.pad_id = cfg, eos_id, pad_id
-        self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.mini_batch_size = cfg.mini_batch(grouped=False)
+        self.max_grad_norm = max_grad_norm
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
         self.rows = rows or LocalRows()
-        self.generator = torch.Generator().manual_seed(cfg.seed + self.rows.rank)  # sampling: each rank its own
-        self.shuffle = torch.Generator().manual_seed(cfg.seed ^ SHUFFLE_STREAM)  # mini-batches: shared
+        self.generator = torch.Generator().manual_seed(seed + self.rows.rank)  # sampling: each rank its own
+        self.shuffle = torch.Generator().manual_seed(seed ^ SHUFFLE_STREAM)  # mini-batches: shared
         self.params = trainable_parameters({"policy": policy, "value_model": value_model}, self.optimizers)
         self.grad_norm = grad_norm
 
@@ -193,7 +158,7 @@ class PPOTrainer:
         cfg, rows = self.cfg, self.rows
         if len(prompts) * rows.size != cfg.rollout_batch:
             raise ValueError(f"got {len(prompts)} prompts on each of {rows.size} rank(s); "
-                             f"ppo.rollout_batch={cfg.rollout_batch}")
+                             f"rl.rollout_batch={cfg.rollout_batch}")
         for m in (self.policy, self.reference, self.value_model):
             m.eval()
         rollout = generate_rollouts(self.policy, prompts, cfg.max_new_tokens, cfg.temperature, self.eos_id,
@@ -202,7 +167,7 @@ class PPOTrainer:
         action_mask = response_mask[:, 1:]
         order = torch.randperm(cfg.rollout_batch, generator=self.shuffle).to(tokens.device)
         logp, ref_logp, values = first_epoch_rows(
-            rows, order, cfg.mini_batch_size, action_mask.shape, tokens.device,
+            rows, order, self.mini_batch_size, action_mask.shape, tokens.device,
             lambda i: policy_logprobs(self.policy, tokens[i], response_mask[i], cfg.temperature)[0],
             lambda i: policy_logprobs(self.reference, tokens[i], response_mask[i], cfg.temperature)[0],
             lambda i: self.value_model(tokens[i])[:, :-1])
@@ -216,10 +181,10 @@ class PPOTrainer:
         return Experience(tokens, response_mask, logp, values, advantages, returns, order), metrics
 
     def update(self, exp: Experience) -> list[dict[str, float]]:
-        """`ppo_epochs` passes of clipped policy and value steps, each rank on its slice of every
+        """`epochs` passes of clipped policy and value steps, each rank on its slice of every
         mini-batch; the metrics of every mini-batch (this rank's share of its token means)."""
         cfg, history = self.cfg, []
-        for idx in minibatches(exp.order, cfg.ppo_epochs, cfg.mini_batch_size, self.shuffle):
+        for idx in minibatches(exp.order, cfg.epochs, self.mini_batch_size, self.shuffle):
             history.append(self._minibatch(exp, self.rows.mine(idx)))
         return history
 
@@ -233,7 +198,7 @@ class PPOTrainer:
         value_loss = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip)
         scale = self.rows.token_share(mask)
         optimizer_step((policy_loss + cfg.vf_coef * value_loss) * scale, self.params, self.optimizers,
-                       cfg.max_grad_norm, self.grad_norm)
+                       self.max_grad_norm, self.grad_norm)
         ratio = torch.exp(logp - exp.old_logp[idx]).detach()[mask]
         return {"policy_loss": policy_loss.item() * scale, "value_loss": value_loss.item() * scale,
                 "clipfrac": stats["clipfrac"].item() * scale, "approx_kl": stats["approx_kl"].item() * scale,
@@ -249,10 +214,6 @@ class PPOTrainer:
         `entropy`; `ratio_min`/`ratio_max` over all mini-batches.
         """
         exp, metrics = self.collect(prompts)
-        history = self.update(exp)
-        for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy"):
-            metrics[key] = sum(h[key] for h in history) / len(history)
-        metrics["ratio_min"] = min(h["ratio_min"] for h in history)
-        metrics["ratio_max"] = max(h["ratio_max"] for h in history)
+        metrics = merge_history(metrics, self.update(exp))
         self.kl_ctl.update(metrics["kl"], self.cfg.rollout_batch)
         return metrics

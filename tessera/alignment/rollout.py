@@ -147,3 +147,12 @@ def score(rollout: Rollout, reward: RewardModel | RewardFn) -> torch.Tensor:
         raise ValueError(f"reward must be a RewardModel or a function (prompt, response) -> float, not {type(reward)}")
     values = [float(reward(p, r)) for p, r in zip(rollout.prompts, rollout.responses)]
     return torch.tensor(values, dtype=torch.float32, device=rollout.tokens.device)
+
+
+def merge_history(metrics: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
+    """The rollout's `metrics` with the means of the mini-batches' (`ratio_min`/`ratio_max`: extremes)."""
+    for key in history[0]:
+        values = [h[key] for h in history]
+        metrics[key] = (min(values) if key == "ratio_min" else max(values) if key == "ratio_max"
+                        else sum(values) / len(values))
+    return metrics

@@ -13,7 +13,7 @@ import torch.nn as nn
 from tessera.alignment.lora import apply_lora
 from tessera.alignment.sft_data import chat_template
 from tessera.core.config import Config, ConfigError
-from tessera.core.model import Transformer
+from tessera.core.task import BaseTask
 from tessera.core.tokenizer import load_tokenizer
 
 
@@ -66,12 +66,13 @@ class SampleLoader:
         self.epoch, self.batch = state["epoch"], state["batch"]
 
 
-class StageTask:
+class StageTask(BaseTask):
     """The parts of a trainer task every alignment stage has in common (see core.task)."""
 
     val_perplexity = False
 
     def __init__(self, cfg: Config):
+        super().__init__()
         if not cfg.data.path or not Path(cfg.data.path).is_file():
             raise ConfigError(f"data.path={cfg.data.path!r} must be a JSONL file of this stage's records")
         source = cfg.data.tokenizer
@@ -85,18 +86,9 @@ class StageTask:
         self.tokenizer_files = tuple(p for p in (tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json")
                                      if p.exists())
 
-    def new_transformer(self, cfg: Config, device: torch.device, init_weights) -> Transformer:
-        model = Transformer(cfg.model).to(device)
-        if init_weights is not None:
-            init_weights(model)
-        return model
-
     def adapt(self, model: nn.Module, cfg: Config) -> nn.Module:
         """LoRA adapters on the model's linear layers when `lora.r` > 0 (base weights frozen)."""
         return apply_lora(model, cfg.lora) if cfg.lora.r > 0 else model
-
-    def attach(self, placement, cfg: Config, init_weights) -> None:
-        """Nothing besides the trained model unless a stage says."""
 
     def sample_loaders(self, cfg: Config, train: tuple[list, int], val: tuple[list, int] | None,
                        collate, dp_rank: int, dp_size: int):

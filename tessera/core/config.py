@@ -185,6 +185,17 @@ class AlignConfig:
     label_smoothing: float = 0.0  # DPO: > 0 is conservative DPO
     reference: Literal["precompute", "model"] = "precompute"  # DPO: log-probs in one pass, or a frozen model
 
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"align.beta={self.beta} must be > 0: 0 trains a constant loss (IPO divides by it) "
+                              "and a negative beta prefers the rejected response")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"align.label_smoothing={self.label_smoothing} must be in [0, 0.5): the probability "
+                              "that a preference label is flipped (0.5 cancels the loss)")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ConfigError(f"align.label_smoothing={self.label_smoothing} applies to align.loss='sigmoid' only; "
+                              "with 'ipo' set it to 0")
+
 
 @dataclass(frozen=True)
 class RLConfig:
@@ -210,6 +221,34 @@ class RLConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     seed_per_prompt: bool = False  # rollouts the same on any number of ranks (slower: a generation call per prompt)
+
+    def __post_init__(self):
+        for key in ("rollout_batch", "epochs", "max_new_tokens", "kl_horizon", "group_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"rl.{key}={getattr(self, key)} must be >= 1")
+        if self.clip <= 0 or self.value_clip <= 0 or self.temperature <= 0:
+            raise ConfigError(f"rl.clip={self.clip}, rl.value_clip={self.value_clip} and "
+                              f"rl.temperature={self.temperature} must be > 0")
+        if self.kl_coef < 0 or self.kl_target < 0 or self.mini_batch_size < 0 or self.vf_coef < 0:
+            raise ConfigError(f"rl.kl_coef={self.kl_coef}, rl.kl_target={self.kl_target}, rl.vf_coef={self.vf_coef} "
+                              f"and rl.mini_batch_size={self.mini_batch_size} must be >= 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError(f"rl.gamma={self.gamma} and rl.lam={self.lam} must be in [0, 1]")
+
+    def rows(self, grouped: bool) -> int:
+        """Rows of one rollout batch over all ranks: a response per prompt, or `group_size` (GRPO)."""
+        return self.rollout_batch * (self.group_size if grouped else 1)
+
+    def mini_batch(self, grouped: bool) -> int:
+        """Rows per optimizer step over all ranks (`mini_batch_size`, 0: the whole batch), checked to
+        divide the batch."""
+        rows = self.rows(grouped)
+        mini = self.mini_batch_size or rows
+        if rows % mini:
+            group = f" x rl.group_size={self.group_size}" if grouped else ""
+            raise ConfigError(f"rl.mini_batch_size={mini} must split a rollout batch evenly: it must divide its "
+                              f"{rows} rows (rl.rollout_batch={self.rollout_batch}{group})")
+        return mini
 
 
 @dataclass(frozen=True)
@@ -306,14 +345,15 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` laid over `base`, sections merged key by key."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _read_toml(path: Path) -> dict:
+def read_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -334,18 +374,18 @@ def _apply_preset(model: dict) -> dict:
     path = CONFIG_DIR / "models" / f"{name}.toml"
     if not path.exists():
         raise ConfigError(f"model.preset={name!r} is not valid; valid: {', '.join(model_presets())}")
-    return _merge(_read_toml(path).get("model", {}), model)
+    return merge(read_toml(path).get("model", {}), model)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Build a validated Config from a TOML file (or defaults) and command-line overrides."""
-    raw = _read_toml(Path(path)) if path else {}
+    raw = read_toml(Path(path)) if path else {}
     for arg in overrides:
         keys, value = parse_override(arg)
         patch: dict = value
         for k in reversed(keys):
             patch = {k: patch}
-        raw = _merge(raw, patch)
+        raw = merge(raw, patch)
     raw["model"] = _apply_preset(raw.get("model", {}))
     cfg = build_section(Config, raw, "")
     validate(cfg)

@@ -48,7 +48,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, doc_ids, key_padding_mask, cache: KVCache | None, layer: int):
+    def forward(self, x, *, rope, doc_ids, key_padding_mask, cache: KVCache | None, layer: int):
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -84,8 +84,11 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, doc_ids=None, key_padding_mask=None, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, doc_ids, key_padding_mask, cache, layer))
+    def forward(self, x, *, rope=None, doc_ids=None, key_padding_mask=None, cache=None, layer=0):
+        """Only the hidden states are positional: what parallelism lays out (TP's input layouts) is
+        the one positional argument of a block and of its attention."""
+        x = x + self.drop(self.attn(self.attn_norm(x), rope=rope, doc_ids=doc_ids,
+                                    key_padding_mask=key_padding_mask, cache=cache, layer=layer))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -139,7 +142,7 @@ class Transformer(nn.Module):
             rope = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
         x = self.drop(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, doc_ids, key_padding_mask, cache, i)
+            x = layer(x, rope=rope, doc_ids=doc_ids, key_padding_mask=key_padding_mask, cache=cache, layer=i)
         if cache is not None:
             cache.advance(s)
         return self.norm(x)

@@ -1,5 +1,8 @@
-"""The training loop. It is handed an engine, loaders, a checkpointer and a logger from
-outside, and knows nothing of how many processes run it or who launched them."""
+"""The training loop, the one every stage runs. It is handed an engine, loaders, a checkpointer,
+a logger and the task from outside, and knows nothing of how many processes run it or who
+launched them. A step is the gradient step on the task's objective, or the task's own update
+(RL: roll out, then several clipped steps); everything around it (schedule, logging,
+evaluation, checkpoints with companions, resume, a requested stop) is the same."""
 from __future__ import annotations
 
 import itertools
@@ -14,11 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tessera.core.checkpoint import Checkpointer
 from tessera.core.config import Config, to_toml
-from tessera.core.data import StreamingLoader
-from tessera.core.metrics import MetricsLogger, memory_gb
+from tessera.core.metrics import memory_gb
 from tessera.core.optim import lr_at, set_lr
+from tessera.core.seams import BatchLoader, CheckpointStore, Engine, MetricsWriter, Task
 
 
 class TrainingDiverged(RuntimeError):
@@ -27,11 +29,12 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainerParts:
-    engine: object  # LocalEngine or a distributed engine with the same methods
-    train_loader: StreamingLoader
-    val_loader: StreamingLoader | None
-    checkpointer: Checkpointer  # or a sharded/DeepSpeed one with the same save/load/latest
-    metrics: MetricsLogger  # a NullMetrics on every rank but the first
+    engine: Engine
+    task: Task
+    train_loader: BatchLoader
+    val_loader: BatchLoader | None
+    checkpointer: CheckpointStore
+    metrics: MetricsWriter  # a NullMetrics on every rank but the first
     device: torch.device
     flops_per_token: float = 0.0
     peak_flops: float | None = None  # of one device
@@ -39,7 +42,6 @@ class TrainerParts:
     devices: int = 1  # all ranks, for MFU
     console: bool = True  # progress bar and messages (the first rank only)
     telemetry: object | None = None  # anything with sample() -> dict[str, float], logged with the metrics
-    val_perplexity: bool = True  # the loss is a per-token NLL (not so for preference losses)
 
 
 def to_device(batch, device: torch.device):
@@ -74,37 +76,43 @@ class Trainer:
         self.skipped_steps = 0
         self.stop_requested = False
         self.stopped_early = False
-        self.step_metrics: dict[str, float] = {}
+        self.task = parts.task
+        self.optimizers = [self.engine.optimizer, *(e.optimizer for e in self.task.companions.values())]
         t = cfg.train
-        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * parts.dp_size
+        # tokens/s and MFU count the tokens a gradient step reads; a task's own update reports its own
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * parts.dp_size if self.task.update is None else 0
 
     def state_dict(self) -> dict:
-        """This rank's trainer state; the checkpointer adds model and optimizer."""
+        """This rank's run state; the checkpointer adds models and optimizers."""
         return {
             "step": self.step,
             "loader": self.parts.train_loader.state_dict(),
             "rng": rng_state(),
             "skipped_steps": self.skipped_steps,
+            "task": self.task.state_dict(),
         }
 
     def resume(self, ckpt: str | Path) -> None:
         """Continue from `ckpt`. Saved under another data-parallel layout, the data order cannot be
         replayed: the stream restarts at the next epoch, with a warning."""
-        state = self.parts.checkpointer.load(ckpt, self.engine)
+        state = self.parts.checkpointer.load(ckpt, self.engine, self.task.companions)
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         loader = self.parts.train_loader
-        if loader.resumable_from(state["loader"]):
+        same_layout = loader.resumable_from(state["loader"])
+        if same_layout:
             loader.load_state_dict(state["loader"])
         else:
             loader.epoch = state["loader"]["epoch"] + 1
-            warnings.warn(f"{ckpt} was saved under another data-parallel layout: model and optimizer are "
+            warnings.warn(f"{ckpt} was saved under another data-parallel layout: models and optimizers are "
                           f"restored, the data stream restarts at epoch {loader.epoch}", stacklevel=2)
         if "rng" in state:
             set_rng_state(state["rng"])
+        self.task.load_state_dict(state.get("task", {}), self.step, same_layout)
 
     def save(self) -> Path:
-        return self.parts.checkpointer.save(self.step, self.engine, self.state_dict(), to_toml(self.cfg))
+        return self.parts.checkpointer.save(self.step, self.engine, self.state_dict(), to_toml(self.cfg),
+                                            self.task.companions)
 
     def request_stop(self) -> None:
         """Ask `fit` to checkpoint after the current step and return (preemption, SIGTERM).
@@ -126,13 +134,24 @@ class Trainer:
             raise ValueError("the validation split yields no full batch: lower train.batch_size or add data")
         loss = torch.stack(losses).mean().item()
         out = {"val_loss": loss, **{k: torch.stack(v).mean().item() for k, v in metrics.items()}}
-        if self.parts.val_perplexity:
+        if self.task.val_perplexity:
             out["val_ppl"] = math.exp(min(loss, 50.0))
         return out
 
-    def train_step(self, batches: Iterator) -> tuple[float, float]:
+    def train_step(self, batches: Iterator) -> dict[str, float]:
+        """One step at this step's learning rate: the task's own update, or the gradient step."""
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+        update = self.task.update
+        metrics = update(self.step + 1, next(batches)) if update is not None else self.gradient_step(batches)
+        self.step += 1
+        return {**metrics, "lr": lr}
+
+    def gradient_step(self, batches: Iterator) -> dict[str, float]:
+        """Accumulated micro-batches, clipping, and the optimizer step; a non-finite loss or norm
+        skips the update, and `train.max_bad_steps` of them in a row stop the run."""
         t = self.cfg.train
-        set_lr(self.engine.optimizer, lr_at(self.step, self.cfg.optim, t.steps))
         loss = torch.zeros((), device=self.parts.device)
         metrics: dict[str, torch.Tensor] = {}
         for _ in range(t.grad_accum):
@@ -140,7 +159,6 @@ class Trainer:
             for k, v in self.engine.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / t.grad_accum
         loss /= t.grad_accum
-        self.step_metrics = {k: float(v) for k, v in metrics.items()}
         norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         loss_value, norm_value = loss.item(), float(norm)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -155,40 +173,38 @@ class Trainer:
                     f"last good checkpoint: {self.parts.checkpointer.latest()}"
                 )
         self.engine.zero_grad()
-        self.step += 1
-        return loss_value, norm_value
+        return {"loss": loss_value, "grad_norm": norm_value, **{k: float(v) for k, v in metrics.items()}}
 
     def fit(self, stop_at: int | None = None) -> dict:
         """Train to `train.steps` (or stop after step `stop_at`, with a checkpoint); returns the last metrics."""
         cfg, parts = self.cfg, self.parts
         end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
         batches = iter(parts.train_loader)
+        update = self.task.update
+        shown = update.progress_keys if update is not None else ("loss", "lr")
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.log.progress and parts.console), mininterval=1.0, dynamic_ncols=True)
         train_time, window_steps = 0.0, 0
         last: dict = {}
         while self.step < end:
             started = time.perf_counter()
-            loss, norm = self.train_step(batches)
+            metrics = self.train_step(batches)
             train_time += time.perf_counter() - started
             window_steps += 1
             bar.update(1)
             stopping = self.engine.any_rank(self.stop_requested)
             done = self.step == end or stopping
             if self.step % cfg.log.every == 0 or done:
-                tokens_per_s = window_steps * self.tokens_per_step / train_time
-                last = {
-                    "loss": loss, "lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": norm,
-                    "tokens_per_s": tokens_per_s, "mem_gb": self.engine.max_over_ranks(memory_gb(parts.device)),
-                    "skipped_steps": self.skipped_steps, "data_skipped": parts.train_loader.skipped,
-                }
-                if parts.peak_flops:
-                    last["mfu"] = parts.flops_per_token * tokens_per_s / (parts.peak_flops * parts.devices)
-                last.update(self.step_metrics)
+                last = {**metrics, "mem_gb": self.engine.max_over_ranks(memory_gb(parts.device)),
+                        "skipped_steps": self.skipped_steps, "data_skipped": parts.train_loader.skipped}
+                if self.tokens_per_step:
+                    last["tokens_per_s"] = window_steps * self.tokens_per_step / train_time
+                    if parts.peak_flops:
+                        last["mfu"] = parts.flops_per_token * last["tokens_per_s"] / (parts.peak_flops * parts.devices)
                 if parts.telemetry is not None:
                     last.update(parts.telemetry.sample())
                 parts.metrics.log(self.step, last)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.2e}")
+                bar.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last}, refresh=False)
                 train_time, window_steps = 0.0, 0
             if not stopping and ((cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.train.steps):
                 val = self.evaluate()

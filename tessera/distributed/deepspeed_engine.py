@@ -23,14 +23,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file, save_model
 
-from tessera.core.build import Placement
 from tessera.core.checkpoint import Checkpointer, publish, write_run_files
 from tessera.core.config import Config, ConfigError
 from tessera.core.engine import LocalEngine
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
-from tessera.distributed.engine import _world_max, _world_mean
+from tessera.core.placement import LocalPlacement
+from tessera.distributed.engine import world_max, world_mean
 from tessera.distributed.env import DistributedEnv, init_distributed
+from tessera.distributed.layout import check_layout
 from tessera.distributed.mesh import ParallelDims
 
 try:
@@ -73,16 +74,16 @@ class DeepSpeedEngine(LocalEngine):
         self.ds.backward(loss)
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # advances the micro-step counter only
-        self.metrics = {k: _world_mean(v.detach().float()) for k, v in metrics.items()}
-        return _world_mean(loss.detach())
+        self.metrics = {k: world_mean(v.detach().float()) for k, v in metrics.items()}
+        return world_mean(loss.detach())
 
     @torch.no_grad()
     def eval_loss(self, batch) -> torch.Tensor:
         self.ds.eval()
         with self.autocast():
             loss, metrics = self.objective(self.ds, batch)
-        self.metrics = {k: _world_mean(v.float()) for k, v in metrics.items()}
-        return _world_mean(loss.float())
+        self.metrics = {k: world_mean(v.float()) for k, v in metrics.items()}
+        return world_mean(loss.float())
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Runs DeepSpeed's step (norm, clip at the configured value, skip if not finite) and returns
@@ -98,17 +99,19 @@ class DeepSpeedEngine(LocalEngine):
         """DeepSpeed zeroes gradients inside its step."""
 
     def any_rank(self, flag: bool) -> bool:
-        return _world_max(float(flag)) > 0
+        return world_max(float(flag)) > 0
 
     def max_over_ranks(self, value: float) -> float:
-        return _world_max(value)
+        return world_max(value)
 
 
 class DeepSpeedCheckpointer(Checkpointer):
     """DeepSpeed's own checkpoint (ZeRO partitions and optimizer) plus, from the first rank, the
     consolidated `model.safetensors` and run files, so generation and export read it like any other."""
 
-    def save(self, step: int, engine: DeepSpeedEngine, state: dict, run_config: str = "") -> Path:
+    def save(self, step: int, engine: DeepSpeedEngine, state: dict, run_config: str = "",
+             companions: dict | None = None) -> Path:
+        _refuse_companions(companions)
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".step_{step:06d}.tmp"
         rank = dist.get_rank()
@@ -130,7 +133,8 @@ class DeepSpeedCheckpointer(Checkpointer):
         dist.barrier()
         return final
 
-    def load(self, path: str | Path, engine: DeepSpeedEngine) -> dict:
+    def load(self, path: str | Path, engine: DeepSpeedEngine, companions: dict | None = None) -> dict:
+        _refuse_companions(companions)
         path = Path(path)
         if not (path / TAG).is_dir():
             raise ConfigError(f"{path} is not a DeepSpeed checkpoint; with parallel.engine='deepspeed' resume "
@@ -141,6 +145,12 @@ class DeepSpeedCheckpointer(Checkpointer):
                               f"{dist.get_world_size()}; resume at the same world size")
         engine.ds.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
         return torch.load(path / f"rank{dist.get_rank()}.pt", weights_only=True)
+
+
+def _refuse_companions(companions: dict | None) -> None:
+    if companions:
+        raise ConfigError(f"a second trained model ({', '.join(companions)}) is not checkpointed by "
+                          "parallel.engine='deepspeed'; valid: parallel.engine='fsdp'")
 
 
 def _full_weights(model: Transformer) -> dict[str, torch.Tensor]:
@@ -158,31 +168,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class DeepSpeedPlacement(Placement):
+class DeepSpeedPlacement(LocalPlacement):
     """ZeRO over all ranks. DeepSpeed needs a process group even for one process, so a single
     process gets a one-rank group on a free local port."""
 
     def __init__(self, env: DistributedEnv, dims: ParallelDims):
-        if dims.tp > 1 or dims.dp_replicate > 1:
-            raise ConfigError(f"parallel.engine='deepspeed' shards over all ranks with ZeRO: set parallel.tp=1 and "
-                              f"parallel.dp_replicate=1 (got tp={dims.tp}, dp_replicate={dims.dp_replicate}); "
-                              "for TP or HSDP use parallel.engine='fsdp'")
         if env.world_size == 1 and not dist.is_initialized():
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
             env = init_distributed(env.device.type)
         super().__init__(env.device)
+        self.dims = dims
         self.rank, self.world_size = env.rank, env.world_size
         self.dp_rank, self.dp_size = env.rank, env.world_size
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     def check(self, cfg: Config) -> None:
-        p = cfg.parallel
-        if p.activation_checkpoint != "none" or p.mixed_precision != "none":
-            raise ConfigError("parallel.activation_checkpoint and parallel.mixed_precision belong to the fsdp "
-                              "engine; with deepspeed set them to 'none' (use train.precision='bf16')")
-        if cfg.train.compile:
-            raise ConfigError("train.compile is not supported with parallel.engine='deepspeed'; valid: false")
+        check_layout(cfg, self.dims)
 
     def engine(self, model: Transformer, cfg: Config):
         optimizer = build_optimizer(model, cfg.optim, self.device)

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from tessera.core.engine import LocalEngine, scale_gradients_to
 
 
-def _world_mean(value: torch.Tensor) -> torch.Tensor:
+def world_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over all ranks. The ranks of one TP group hold the same loss, so this equals the
     mean over data-parallel ranks (gloo has no AVG, hence SUM / world)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -25,7 +25,7 @@ def _world_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def _world_max(value: float) -> float:
+def world_max(value: float) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64)
@@ -77,8 +77,8 @@ class DistributedEngine(LocalEngine):
 
     def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
         """Global mean loss (and metrics) of the micro-batch (detached) across data-parallel ranks."""
-        loss = _world_mean(super().forward_backward(batch, scale))
-        self.metrics = {k: _world_mean(v) for k, v in self.metrics.items()}
+        loss = world_mean(super().forward_backward(batch, scale))
+        self.metrics = {k: world_mean(v) for k, v in self.metrics.items()}
         return loss
 
     @torch.no_grad()
@@ -89,14 +89,14 @@ class DistributedEngine(LocalEngine):
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-        self.metrics = {k: _world_mean(v) for k, v in self.metrics.items()}
-        return _world_mean(loss)
+        self.metrics = {k: world_mean(v) for k, v in self.metrics.items()}
+        return world_mean(loss)
 
     def any_rank(self, flag: bool) -> bool:
-        return _world_max(float(flag)) > 0
+        return world_max(float(flag)) > 0
 
     def max_over_ranks(self, value: float) -> float:
-        return _world_max(value)
+        return world_max(value)
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:

@@ -6,7 +6,8 @@ over the "tp" mesh (one tensor when tied). Each rank then computes only its slic
 logit) give the exact loss; the full logits never exist on any rank.
 
 It plugs in where the model already computes its loss, `kernels.linear_cross_entropy`, as that
-op's implementation for DTensor weights, so the model stays plain PyTorch.
+op's implementation for DTensor weights (`register`, called by the parallelizer that shards the
+head), so the model stays plain PyTorch.
 """
 from __future__ import annotations
 
@@ -69,4 +70,7 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: DTensor, t
                                             mesh.get_group())
 
 
-dispatch.register("linear_cross_entropy", "vocab_parallel", vocab_parallel_linear_cross_entropy)
+def register() -> None:
+    """Make this `kernels.linear_cross_entropy`'s implementation for vocabulary-sharded weights; called
+    by `parallelize` when it shards the LM head (idempotent)."""
+    dispatch.register("linear_cross_entropy", "vocab_parallel", vocab_parallel_linear_cross_entropy)

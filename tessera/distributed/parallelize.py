@@ -31,12 +31,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from tessera.core.config import ConfigError, ParallelConfig
 from tessera.core.model import Transformer
-from tessera.distributed import loss_parallel  # noqa: F401  (registers the vocab-parallel loss)
+from tessera.distributed import loss_parallel
 from tessera.distributed.mesh import ParallelDims
-
-# Block.forward(x, rope, doc_ids, key_padding_mask, cache, layer): only x is laid out by TP.
-_BLOCK_ARGS = 6
-_ATTN_ARGS = 6
 
 _SAVE_OPS = {
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -47,13 +43,11 @@ _SAVE_OPS = {
 }
 
 
-def _layouts(first, n: int) -> tuple:
-    return (first,) + (None,) * (n - 1)
-
-
 def apply_vocab_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Embedding and LM head sharded by vocabulary rows; the lookup's partial rows are summed
-    over the TP group, the head's logits are gathered only when asked for (generation)."""
+    over the TP group, the head's logits are gathered only when asked for (generation); the loss
+    then runs on the local logit slices (`loss_parallel`)."""
+    loss_parallel.register()
     tied = model.lm_head.weight is model.tok_emb.weight
     parallelize_module(model, tp_mesh, {
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
@@ -104,8 +98,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         if sequence_parallel:
             plan.update({
                 "attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
-                "attn": PrepareModuleInput(input_layouts=_layouts(Shard(1), _ATTN_ARGS),
-                                           desired_input_layouts=_layouts(Replicate(), _ATTN_ARGS)),
+                # blocks and attention take the hidden states as their only positional argument
+                "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, plan)
@@ -119,8 +113,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         # The first block shards the (replicated) embeddings along the sequence; the final norm
         # gathers them back for the replicated LM head and loss.
         parallelize_module(model, tp_mesh, {
-            "layers.0": PrepareModuleInput(input_layouts=_layouts(Replicate(), _BLOCK_ARGS),
-                                           desired_input_layouts=_layouts(Shard(1), _BLOCK_ARGS),
+            "layers.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
                                            use_local_output=True),
             "norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                        use_local_output=True),
@@ -177,9 +170,6 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh:
     """
     body = next(m for m in model.modules() if isinstance(m, Transformer))
     if dims.tp > 1:
-        if dims.ddp:
-            raise ConfigError(f"parallel.dp_replicate={dims.dp_replicate} with parallel.tp={dims.tp} needs "
-                              "parallel.dp_shard > 1 (HSDP); DDP does not take DTensor parameters")
         frozen = {name for name, p in body.named_parameters() if not p.requires_grad}
         apply_tp(body, mesh["tp"], cfg.sequence_parallel)
         if cfg.loss_parallel:

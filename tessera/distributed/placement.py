@@ -13,19 +13,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tessera.core.build import Placement, resolve_device
 from tessera.core.checkpoint import Checkpointer
-from tessera.core.config import Config, ConfigError
+from tessera.core.config import Config
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
+from tessera.core.placement import LocalPlacement, resolve_device
+from tessera.core.seams import Placement
 from tessera.distributed.checkpoint import ShardedCheckpointer
 from tessera.distributed.engine import DistributedEngine, total_grad_norm
 from tessera.distributed.env import DistributedEnv, init_distributed
+from tessera.distributed.layout import check_layout
 from tessera.distributed.mesh import ParallelDims
 from tessera.distributed.parallelize import parallelize
 
 
-class ParallelPlacement(Placement):
+class ParallelPlacement(LocalPlacement):
     """DDP, FSDP2/HSDP, TP/SP and activation checkpointing on the ranks of `env` (or one process)."""
 
     def __init__(self, env: DistributedEnv, dims: ParallelDims, async_save: bool = False):
@@ -40,12 +42,7 @@ class ParallelPlacement(Placement):
         return self.world_size > 1
 
     def check(self, cfg: Config) -> None:
-        if cfg.parallel.mixed_precision != "none" and not self.dims.fsdp:
-            raise ConfigError("parallel.mixed_precision='bf16' is FSDP2's policy and needs parallel.dp_shard > 1; "
-                              "for one process or DDP use train.precision='bf16'")
-        if cfg.parallel.mixed_precision != "none" and cfg.train.precision != "fp32":
-            raise ConfigError("parallel.mixed_precision and train.precision='bf16' both cast to bf16; "
-                              "valid: one of them")
+        check_layout(cfg, self.dims)
 
     def prepare(self, model: Transformer, cfg: Config) -> Transformer:
         return parallelize(model, cfg.parallel, self.dims, self.mesh)
@@ -78,6 +75,7 @@ def placement_for(cfg: Config) -> Placement:
     device = resolve_device(cfg.train.device)
     env = init_distributed(device.type)
     dims = ParallelDims.resolve(cfg.parallel, env.world_size)
+    check_layout(cfg, dims)
     if cfg.parallel.engine == "deepspeed":
         from tessera.distributed.deepspeed_engine import DeepSpeedPlacement
 

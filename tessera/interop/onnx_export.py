@@ -33,13 +33,12 @@ def export_model(model: Transformer, out: str | Path, opset: int = 18) -> Path:
     """Write `model` (fp32, torch kernels) to `out` with dynamic batch and sequence axes."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    kernels.configure("torch")
     model = model.float().eval()
     example = torch.zeros((2, min(8, model.cfg.max_seq_len)), dtype=torch.long)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.cfg.max_seq_len)
     large = sum(p.numel() for p in model.parameters()) * 4 > EXTERNAL_DATA_BYTES
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad():
+    with torch.no_grad(), kernels.use("torch"):
         torch.onnx.export(LogitsModel(model).eval(), (example,), str(out), input_names=["input_ids"],
                           output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: seq}},
                           opset_version=opset, dynamo=True, external_data=large, verbose=False)

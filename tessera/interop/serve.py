@@ -236,7 +236,6 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
 
 def load_for_serving(ckpt: str | Path, device: str = "auto") -> tuple[torch.nn.Module, Tokenizer, str]:
     """The model (int8 checkpoints on CPU), its tokenizer and a model name for the responses."""
-    from tessera import kernels
     from tessera.core.checkpoint import find_checkpoint
     from tessera.core.tokenizer import load_tokenizer
     from tessera.interop.quantize import is_quantized, load_for_inference
@@ -244,7 +243,6 @@ def load_for_serving(ckpt: str | Path, device: str = "auto") -> tuple[torch.nn.M
     ckpt = find_checkpoint(ckpt)
     if device == "auto":
         device = "cpu" if is_quantized(ckpt) or not torch.cuda.is_available() else "cuda"
-    kernels.configure("auto")
     model = load_for_inference(ckpt, device)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > model.cfg.vocab_size:

@@ -1,7 +1,8 @@
 """Kernels the model calls: attention, norms, RoPE, SwiGLU, losses. One entry point per op.
 
-The implementation behind each function is chosen by `dispatch.configure(...)` (from the
-run's `[kernels]` config section) and the device of the inputs, never by the caller. Importing
+The implementation behind each function is chosen by `dispatch.configure(...)` (once per run,
+from its `[kernels]` config section; `use(...)` for a block) and the device of the inputs,
+never by the caller. Importing
 this package registers every implementation whose dependencies are installed.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from tessera.kernels import (  # noqa: F401
     attention_flash_attn, attention_torch, cross_entropy_torch, dispatch, norms_torch, rope_torch, swiglu_torch,
 )
 from tessera.kernels.attention_torch import doc_ids_from_cu_seqlens
-from tessera.kernels.dispatch import BACKENDS, KernelBackendError, configure
+from tessera.kernels.dispatch import BACKENDS, KernelBackendError, configure, use
 
 try:
     import triton  # noqa: F401
@@ -70,5 +71,5 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100) -> t
 
 __all__ = [
     "BACKENDS", "KernelBackendError", "attention", "configure", "cross_entropy", "doc_ids_from_cu_seqlens",
-    "layer_norm", "linear_cross_entropy", "rms_norm", "rope", "swiglu",
+    "layer_norm", "linear_cross_entropy", "rms_norm", "rope", "swiglu", "use",
 ]

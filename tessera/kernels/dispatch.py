@@ -9,7 +9,8 @@ that says how to get it.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -61,6 +62,18 @@ def configure(backend: str = "auto", **per_op: str) -> None:
     _default = backend
     _per_op.clear()
     _per_op.update(per_op)
+
+
+@contextlib.contextmanager
+def use(backend: str = "auto", **per_op: str) -> Iterator[None]:
+    """`configure` for the duration of a block, then the run's own choice again (ONNX export traces
+    the torch kernels whatever the run chose)."""
+    saved_default, saved_per_op = _default, dict(_per_op)
+    configure(backend, **per_op)
+    try:
+        yield
+    finally:
+        configure(saved_default, **saved_per_op)
 
 
 def implementation(op: str, backend: str) -> Callable:

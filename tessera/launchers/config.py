@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tessera.core.config import (
-    ConfigError, ParallelConfig, _merge, _read_toml, build_section, load_config, parse_override,
+    ConfigError, ParallelConfig, merge, read_toml, build_section, load_config, parse_override,
 )
 
 Backend = Literal["local", "torchrun", "slurm", "submitit"]
@@ -188,7 +188,7 @@ def _patch(raw: dict, overrides: list[str]) -> dict:
     for arg in overrides:
         keys, value = parse_override(arg)
         keys = keys if keys[0] in LAUNCH_SECTIONS else ["recipe", "overrides", *keys]
-        raw = _merge(raw, _nest(keys, value))
+        raw = merge(raw, _nest(keys, value))
     return raw
 
 
@@ -201,7 +201,7 @@ def _nest(keys: list[str], value: Any) -> dict:
 
 def load_launch_config(path: str | Path, overrides: list[str] = ()) -> LaunchConfig:
     """A validated LaunchConfig from a launch TOML and `--key=value` overrides."""
-    raw = _patch(_read_toml(Path(path)), list(overrides))
+    raw = _patch(read_toml(Path(path)), list(overrides))
     unknown = sorted(set(raw) - set(LAUNCH_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {path}; valid: {', '.join(LAUNCH_SECTIONS)} "

@@ -2,7 +2,7 @@
 
 Every input is read and checked before the model loads, so a bad line or template fails in a
 second, not after minutes of loading. Bad input raises DataError or ValueError, which `tessera`
-reports in one line with exit status 2 (UsageError lives in cli.py, which imports this module).
+reports in one line with exit status 2.
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import json
 import os
 from pathlib import Path
 
-DEVICES = ["auto", "cpu", "cuda"]
+from tessera.cli.evaluate import DEVICES
 
 
 def _text_generator(args):
     """The checkpoint as a prompt -> response function, with its own chat template unless told not to."""
     from tessera.alignment.sft_data import chat_template
     from tessera.alignment.text_generation import text_generator
-    from tessera.core.build import resolve_device
+    from tessera.core.placement import resolve_device
     from tessera.core.checkpoint import find_checkpoint
     from tessera.core.generate import Sampling
     from tessera.core.tokenizer import load_tokenizer
@@ -130,7 +130,7 @@ def _add_generation_options(p) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES)
 
 
-def add_prompting_parsers(sub) -> None:
+def add_parsers(sub) -> None:
     cr = sub.add_parser("critique", help="critique-and-revise a checkpoint's answers into preference pairs")
     _add_generation_options(cr)
     cr.add_argument("--prompts", required=True, help='JSONL of {"prompt": ...} lines')

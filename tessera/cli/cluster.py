@@ -1,0 +1,76 @@
+"""`tessera plan | launch | jobs`: size a layout, run a recipe here, under torchrun or on SLURM, and
+follow the jobs it started."""
+from __future__ import annotations
+
+import json
+import sys
+
+from tessera.cli.errors import UsageError
+
+
+def cmd_plan(args) -> None:
+    from tessera.core.config import load_config
+    from tessera.distributed.planner import Layout, format_table, plan, rank_layouts
+
+    model = load_config(None, [f"--model.preset={json.dumps(args.model)}"]).model
+    shape = (model, args.gpus, args.gpu_mem, args.seq, args.micro_batch)
+    if args.dp_shard or args.dp_replicate > 1 or args.tp > 1:
+        dp_shard = args.dp_shard or args.gpus // (args.dp_replicate * args.tp)
+        layout = Layout(args.dp_replicate, dp_shard, args.tp, args.ac, args.ac_every, args.precision,
+                        args.engine, args.zero_stage)
+        print(format_table([plan(*shape, layout)]))
+    else:
+        fitting = rank_layouts(*shape, precision=args.precision, engine=args.engine, zero_stage=args.zero_stage)
+        if not fitting:
+            raise UsageError(f"no layout of {args.model} fits {args.gpus} GPUs of {args.gpu_mem} GiB at seq {args.seq}")
+        print(format_table(fitting))
+
+
+def cmd_launch(args, overrides: list[str]) -> None:
+    from tessera.launchers.launch import launch
+
+    status = launch(args.config, overrides, dry_run=args.dry_run)
+    if status:
+        raise SystemExit(status)
+
+
+def cmd_jobs(args) -> None:
+    from tessera.launchers import jobs
+
+    entry = jobs.find(args.job, args.dir)
+    if args.action == "status":
+        print(f"{entry.id} {entry.name} {entry.backend}: {jobs.status(entry)}")
+    elif args.action == "logs":
+        sys.stdout.write(jobs.logs(entry))
+    else:
+        jobs.cancel(entry)
+        print(f"cancelled {entry.id} ({entry.name})")
+
+
+def add_parsers(sub) -> None:
+    pn = sub.add_parser("plan", help="per-GPU memory and step time of parallel layouts (fitting ones, fastest first)")
+    pn.add_argument("--model", required=True, help="a preset of configs/models/")
+    pn.add_argument("--gpus", type=int, required=True)
+    pn.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU")
+    pn.add_argument("--seq", type=int, required=True)
+    pn.add_argument("--micro-batch", type=int, default=1)
+    pn.add_argument("--dp-shard", type=int, default=0, help="with --dp-replicate/--tp: plan this one layout")
+    pn.add_argument("--dp-replicate", type=int, default=1)
+    pn.add_argument("--tp", type=int, default=1)
+    pn.add_argument("--ac", choices=["none", "full", "selective", "op"], default="none")
+    pn.add_argument("--ac-every", type=int, default=2)
+    pn.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    pn.add_argument("--engine", choices=["fsdp", "deepspeed"], default="fsdp")
+    pn.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=3)
+    pn.set_defaults(func=cmd_plan)
+
+    la = sub.add_parser("launch", help="run a recipe from a launch config: here, with torchrun, or on SLURM")
+    la.add_argument("config", help="launch TOML ([job], [parallel], [recipe]); --job.key=value and recipe overrides follow")
+    la.add_argument("--dry-run", action="store_true", help="print what would be run or submitted")
+    la.set_defaults(func=cmd_launch, takes_overrides=True)
+
+    jo = sub.add_parser("jobs", help="status, logs or cancel of a launched job")
+    jo.add_argument("action", choices=["status", "logs", "cancel"])
+    jo.add_argument("job", help="a job id or a job name (its newest launch)")
+    jo.add_argument("--dir", default="runs/jobs", help="the launch's job.output_dir (default runs/jobs)")
+    jo.set_defaults(func=cmd_jobs)

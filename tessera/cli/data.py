@@ -1,0 +1,53 @@
+"""`tessera tokenizer train` and `tessera data prepare`: text in, a tokenizer and WebDataset shards out."""
+from __future__ import annotations
+
+from tessera.cli.errors import UsageError
+
+
+def cmd_tokenizer_train(args) -> None:
+    from tessera.core.data.prepare import input_files, read_documents
+    from tessera.core.tokenizer import train_bpe, train_char
+
+    files = input_files(args.files)
+    if args.kind == "char":
+        tok = train_char(read_documents(files, args.text_field))
+    else:
+        if not args.vocab_size:
+            raise UsageError("--vocab-size is required for --kind bpe")
+        tok = train_bpe(read_documents(files, args.text_field), args.vocab_size)
+    path = tok.save(args.out)
+    print(f"wrote {path} ({args.kind}, vocab {tok.vocab_size}, hash {tok.hash[:12]})")
+
+
+def cmd_data_prepare(args) -> None:
+    from tessera.core.data import prepare
+    from tessera.core.tokenizer import load_tokenizer
+
+    manifest = prepare(args.input, load_tokenizer(args.tokenizer), args.out, args.val_fraction,
+                       args.shard_tokens, args.sample_tokens, args.text_field)
+    counts = ", ".join(f"{k}: {manifest.tokens(k):,} tokens in {len(v)} shards" for k, v in manifest.splits.items())
+    print(f"wrote {args.out}/manifest.json ({counts})")
+
+
+def add_parsers(sub) -> None:
+    tok = sub.add_parser("tokenizer", help="train a character or byte-level BPE tokenizer"
+                         ).add_subparsers(dest="action", required=True)
+    tt = tok.add_parser("train", help="train a character or byte-level BPE tokenizer")
+    tt.add_argument("files", nargs="+", help=".txt/.jsonl files or directories")
+    tt.add_argument("--kind", choices=["char", "bpe"], default="bpe")
+    tt.add_argument("--vocab-size", type=int, default=0)
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--out", required=True, help="directory for tokenizer.json")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="tokenize text into WebDataset shards").add_subparsers(dest="action",
+                                                                                          required=True)
+    dp = data.add_parser("prepare", help="tokenize text into WebDataset shards")
+    dp.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or directories")
+    dp.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--val-fraction", type=float, default=0.1)
+    dp.add_argument("--shard-tokens", type=int, default=1 << 20)
+    dp.add_argument("--sample-tokens", type=int, default=4096)
+    dp.add_argument("--text-field", default="text")
+    dp.set_defaults(func=cmd_data_prepare)

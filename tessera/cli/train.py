@@ -1,0 +1,107 @@
+"""`tessera train | sft | rm | dpo | ppo | grpo`: a run assembled from its config, the placement the
+launcher's environment implies, the task the command names, and the one trainer."""
+from __future__ import annotations
+
+import dataclasses
+import signal
+from functools import partial
+
+from tessera.cli.errors import TrainingInterrupted
+from tessera.core.config import ConfigError
+
+RL_STAGES = ("ppo", "grpo")
+SUMMARY_KEYS = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin")
+RL_SUMMARY_KEYS = ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_len")
+
+
+def cmd_train(args, overrides: list[str]) -> None:
+    """One code path for every stage and layout: the placement (one process, FSDP/TP ranks, DeepSpeed)
+    comes from the environment torchrun or SLURM set, the task from the command, the rest is the
+    same trainer. SIGUSR1 (SLURM's preemption warning) and SIGTERM ask the run to checkpoint after
+    the current step and stop (exit 3)."""
+    from tessera.core.build import build_trainer
+    from tessera.core.config import load_config
+    from tessera.distributed.env import destroy
+    from tessera.distributed.placement import placement_for
+
+    if args.resume:
+        overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
+    cfg, init_weights = _init_from(load_config(args.config, overrides))
+    try:
+        placement = placement_for(cfg)
+        cfg, trainer = build_trainer(cfg, placement, init_weights, _task(args.command, cfg))
+        if cfg.log.gpu_telemetry and placement.device.type == "cuda" and placement.rank == 0:
+            from tessera.launchers.telemetry import GpuTelemetry
+
+            trainer.parts.telemetry = GpuTelemetry()
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda *_: trainer.request_stop())
+        start = trainer.step
+        final = trainer.fit()
+        trainer.parts.metrics.close()
+    finally:
+        destroy()
+    if placement.rank == 0:
+        rl = args.command in RL_STAGES
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in (RL_SUMMARY_KEYS if rl else SUMMARY_KEYS))
+        what = f"{args.command} " if rl else ""
+        policy = f"; policy in {trainer.parts.checkpointer.latest()}" if rl else ""
+        done = "stopped at request after" if trainer.stopped_early else "trained"
+        print(f"{done} {what}steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}{policy}")
+        if cfg.lora.r > 0 and args.command != "rm" and not trainer.stopped_early:
+            _export_lora(trainer.parts.checkpointer.latest(), cfg)
+    if trainer.stopped_early:
+        raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
+
+
+def _export_lora(ckpt, cfg) -> None:
+    from tessera.alignment.lora import export_from_checkpoint
+
+    adapter, merged = export_from_checkpoint(ckpt, cfg.lora, cfg.train.run_dir)
+    print(f"wrote adapters to {adapter} and the merged model to {merged}")
+
+
+def _task(command: str, cfg):
+    """The task of the command (None: pretraining, `tessera train`)."""
+    if command == "train":
+        if cfg.lora.r > 0:
+            raise ConfigError("lora.r > 0 is for fine-tuning stages (tessera sft | dpo | rm | ppo | grpo); "
+                              "tessera train trains every weight")
+        return None
+    if command in RL_STAGES:
+        from tessera.alignment.rl_task import RLTask
+
+        return RLTask(command, cfg)
+    from tessera.alignment.dpo import DPOTask
+    from tessera.alignment.reward import RewardTask
+    from tessera.alignment.sft import SFTTask
+
+    return {"sft": SFTTask, "rm": RewardTask, "dpo": DPOTask}[command](cfg)
+
+
+def _init_from(cfg):
+    """With `model.init_from` ("hf:DIR" or a checkpoint): the source's architecture and tokenizer in the
+    config, and the function that copies its weights into the new model."""
+    if not cfg.model.init_from:
+        return cfg, None
+    from tessera.core.config import validate
+    from tessera.interop.hf import init_model_config, init_tokenizer_path, load_init_weights
+
+    cfg = dataclasses.replace(cfg, model=init_model_config(cfg.model))
+    validate(cfg)
+    tokenizer = init_tokenizer_path(cfg.model)
+    if tokenizer and not cfg.data.tokenizer:  # data prepared with another tokenizer is then refused
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer)))
+    return cfg, partial(load_init_weights, init_from=cfg.model.init_from)
+
+
+def add_parsers(sub) -> None:
+    stages = (("train", "pretrain a model on prepared shards"),
+              ("sft", "supervised fine-tuning on instruction JSONL"),
+              ("rm", "a reward model on preference pairs"), ("dpo", "DPO on preference pairs"),
+              ("ppo", "PPO with a reward model or function"), ("grpo", "GRPO with a reward model or function"))
+    for stage, what in stages:
+        st = sub.add_parser(stage, help=what, description=f"{what}: tessera {stage} CONFIG.toml --section.key=value ...")
+        st.add_argument("config", help="TOML config; any key may be overridden with --section.key=value")
+        st.add_argument("--resume", help="'auto' or a checkpoint directory (same as --checkpoint.resume=...)")
+        st.set_defaults(func=cmd_train, takes_overrides=True)

@@ -1,0 +1,34 @@
+"""Which `[parallel]` layouts a run can take: the rules between the layout, the engine and the
+precision, in one place (`check_layout`, asked by every distributed placement before it builds
+anything). What a rule needs of one model (TP dividing its heads) is checked where that model
+is spread (`parallelize`); what a task needs of the layout (RL decodes token by token) by the
+task's own `check`."""
+from __future__ import annotations
+
+from tessera.core.config import Config, ConfigError
+from tessera.distributed.mesh import ParallelDims
+
+
+def check_layout(cfg: Config, dims: ParallelDims) -> None:
+    """ConfigError naming the keys of a layout that cannot run, and what would."""
+    p = cfg.parallel
+    if p.engine == "deepspeed":
+        if dims.tp > 1 or dims.dp_replicate > 1:
+            raise ConfigError(f"parallel.engine='deepspeed' shards over all ranks with ZeRO: set parallel.tp=1 and "
+                              f"parallel.dp_replicate=1 (got tp={dims.tp}, dp_replicate={dims.dp_replicate}); "
+                              "for TP or HSDP use parallel.engine='fsdp'")
+        if p.activation_checkpoint != "none" or p.mixed_precision != "none":
+            raise ConfigError("parallel.activation_checkpoint and parallel.mixed_precision belong to the fsdp "
+                              "engine; with deepspeed set them to 'none' (use train.precision='bf16')")
+        if cfg.train.compile:
+            raise ConfigError("train.compile is not supported with parallel.engine='deepspeed'; valid: false")
+        return
+    if p.mixed_precision != "none" and not dims.fsdp:
+        raise ConfigError("parallel.mixed_precision='bf16' is FSDP2's policy and needs parallel.dp_shard > 1; "
+                          "for one process or DDP use train.precision='bf16'")
+    if p.mixed_precision != "none" and cfg.train.precision != "fp32":
+        raise ConfigError("parallel.mixed_precision and train.precision='bf16' both cast to bf16; "
+                          "valid: one of them")
+    if dims.tp > 1 and dims.ddp:
+        raise ConfigError(f"parallel.dp_replicate={dims.dp_replicate} with parallel.tp={dims.tp} needs "
+                          "parallel.dp_shard > 1 (HSDP); DDP does not take DTensor parameters")
