@@ -10,3 +10,20 @@ A = TOKENIZER.encode("a")[0]
 def fraction_of_a(prompt: list[int], response: list[int]) -> float:
     """The fraction of response tokens that are 'a'."""
     return sum(t == A for t in response) / len(response)
+
+
+def nan_for_some(prompt: list[int], response: list[int]) -> float:
+    """NaN for prompts of odd length (a reward that cannot train), the fraction of 'a' otherwise."""
+    return float("nan") if len(prompt) % 2 else fraction_of_a(prompt, response)
+
+
+def raises(prompt: list[int], response: list[int]) -> float:
+    raise KeyError("no score for this response")
+
+
+def returns_none(prompt: list[int], response: list[int]) -> None:
+    return None
+
+
+def returns_text(prompt: list[int], response: list[int]) -> str:
+    return "0.5"

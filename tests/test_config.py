@@ -43,10 +43,25 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("--model.preset=gpt5", "model.preset='gpt5' is not valid; valid: gpt2-1.5b, gpt2-124m"),
     ("--train.steps=0", "train.steps=0 must be positive"),
     ("--model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+    ("--model.d_ff=-8", "model.d_ff=-8 must be >= 0"),
+    ("--model.ffn_multiple_of=0", "model.ffn_multiple_of=0 must be > 0"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+    ("--optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
+    ("--eval.every=-1", "eval.every=-1 must be >= 0 (0: off)"),
+    ("--checkpoint.every=-1", "checkpoint.every=-1 must be >= 0 (0: off)"),
+    ("--optim.betas=[1.5, 0.99]", "optim.betas=[1.5, 0.99] must each be in [0, 1)"),
+    ("--optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
+    ("--align.beta=0", "align.beta=0.0 must be > 0"),
+    ("--align.beta=-1", "align.beta=-1.0 must be > 0"),
+    ("--align.label_smoothing=1.5", "align.label_smoothing=1.5 must be in [0, 0.5)"),
+    (("--align.loss='ipo'", "--align.label_smoothing=0.1"), "with 'ipo' set it to 0"),
+    ("--rl.epochs=0", "rl.epochs=0 must be >= 1"),
+    ("--rl.gamma=1.5", "rl.gamma=1.5 and rl.lam=0.95 must be in [0, 1]"),
+    ("--rl.temperature=0", "rl.temperature=0.0 must be > 0"),
 ])
 def test_bad_configs_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, [override] if isinstance(override, str) else list(override))
     assert message in str(e.value)
 
 
@@ -83,3 +98,19 @@ def test_cli_missing_data_and_bad_toml(tmp_path, capsys):
 
 def test_defaults_validate():
     assert load_config() == Config()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "is a directory; give a TOML file"),
+    (b"model = 3\n", "model must be a section ([model] with keys), got 3"),
+    (b"[train]\nrun_dir = '\xff\xfe'\n", "is not UTF-8 text"),
+])
+def test_unreadable_configs_exit_2_naming_the_file(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

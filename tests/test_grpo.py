@@ -82,3 +82,17 @@ def test_bad_setups_are_refused_with_the_reason():
                     RLConfig())
     with pytest.raises(ValueError, match="RewardModel or a function"):
         trainer(RLConfig(group_size=2, max_new_tokens=2), reward="fraction").step(prompts(1, random.Random(0)))
+
+
+def test_a_non_finite_gradient_never_reaches_the_weights():
+    from tessera.alignment.ppo import optimizer_step
+
+    policy = tiny(0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    params = list(policy.parameters())
+    before = [p.detach().clone() for p in params]
+    loss = policy(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])) * float("nan")
+    assert optimizer_step(loss, params, [opt], max_grad_norm=1.0) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and all(p.grad is None for p in params)
+    assert optimizer_step(policy(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])), params, [opt], 1.0) is True
+    assert not all(torch.equal(a, b) for a, b in zip(before, params))

@@ -271,3 +271,25 @@ def test_bad_input_exits_2_naming_the_problem(work, capsys, extra, data, message
                    f"--train.run_dir={json.dumps(str(work / 'bad'))}", "--train.steps=1", *extra])
     err = capsys.readouterr().err
     assert status == 2 and message in err, err[-2000:]
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+@pytest.mark.parametrize("fn, message", [
+    ("nan_for_some", "returned nan"),
+    ("raises", "raised KeyError: 'no score for this response'"),
+    ("returns_none", "returned None; it must return a number"),
+    ("returns_text", "returned '0.5'; it must return a number"),
+])
+def test_a_reward_that_cannot_train_exits_2_naming_the_function_and_prompt_and_writes_nothing(
+        work, capsys, command, fn, message):
+    from tessera.cli.main import main
+
+    run = work / f"bad_reward_{command}_{fn}"
+    status = main([command, str(work / "empty.toml"), *COMMON, f"--data.path={json.dumps(str(work / 'prompts.jsonl'))}",
+                   f"--data.tokenizer={json.dumps(str(work / 'tok'))}", f"--train.run_dir={json.dumps(str(run))}",
+                   "--train.steps=2", "--checkpoint.every=1", "--rl.rollout_batch=4", "--rl.group_size=2",
+                   f"--rl.reward_fn=\"rl_rewards:{fn}\""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert f"rl.reward_fn rl_rewards:{fn}" in err[0] and message in err[0] and "(on prompt " in err[0], err[0]
+    assert not list((run / "checkpoints").glob("step_*")), "no checkpoint of a run whose reward cannot train"

@@ -123,10 +123,11 @@ class GRPOTrainer:
             policy_loss, stats = ppo_policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, cfg.clip)
             kl_loss = masked_mean(k3_kl(logp, batch.ref_logp[idx]), mask)
             scale = self.rows.token_share(mask)
-            optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
-                           self.max_grad_norm, self.grad_norm)
+            stepped = optimizer_step((policy_loss + cfg.kl_coef * kl_loss) * scale, self.params, self.optimizers,
+                                     self.max_grad_norm, self.grad_norm)
             ratio = torch.exp(logp - batch.old_logp[idx]).detach()[mask]
-            history.append({"policy_loss": policy_loss.item() * scale, "kl_loss": kl_loss.item() * scale,
+            history.append({"skipped": float(not stepped),
+                            "policy_loss": policy_loss.item() * scale, "kl_loss": kl_loss.item() * scale,
                             "clipfrac": stats["clipfrac"].item() * scale,
                             "entropy": masked_mean(entropy.detach(), mask).item() * scale,
                             "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()})

@@ -95,16 +95,24 @@ GradNorm = Callable[[list[nn.Parameter]], torch.Tensor]  # parameters -> the L2 
 
 
 def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer],
-                   max_grad_norm: float | None, grad_norm: GradNorm = gradient_norm) -> None:
-    """Backward, then all gradients scaled together to a global norm of at most `max_grad_norm`."""
+                   max_grad_norm: float | None, grad_norm: GradNorm = gradient_norm) -> bool:
+    """Backward, then all gradients scaled together to a global norm of at most `max_grad_norm`
+    and stepped. A non-finite gradient norm (every rank measures the same one) skips the step, so
+    no NaN reaches the weights; returns whether the optimizers stepped."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
+    with_grad = [p for p in params if p.grad is not None]
+    norm = grad_norm(with_grad)
+    if not torch.isfinite(norm):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return False
     if max_grad_norm is not None:
-        with_grad = [p for p in params if p.grad is not None]
-        scale_gradients_to(with_grad, grad_norm(with_grad), max_grad_norm)
+        scale_gradients_to(with_grad, norm, max_grad_norm)
     for opt in optimizers:
         opt.step()
+    return True
 
 
 @dataclass(frozen=True)
@@ -197,10 +205,11 @@ class PPOTrainer:
         policy_loss, stats = ppo_policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.clip)
         value_loss = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, cfg.value_clip)
         scale = self.rows.token_share(mask)
-        optimizer_step((policy_loss + cfg.vf_coef * value_loss) * scale, self.params, self.optimizers,
-                       self.max_grad_norm, self.grad_norm)
+        stepped = optimizer_step((policy_loss + cfg.vf_coef * value_loss) * scale, self.params, self.optimizers,
+                                 self.max_grad_norm, self.grad_norm)
         ratio = torch.exp(logp - exp.old_logp[idx]).detach()[mask]
-        return {"policy_loss": policy_loss.item() * scale, "value_loss": value_loss.item() * scale,
+        return {"skipped": float(not stepped),
+                "policy_loss": policy_loss.item() * scale, "value_loss": value_loss.item() * scale,
                 "clipfrac": stats["clipfrac"].item() * scale, "approx_kl": stats["approx_kl"].item() * scale,
                 "entropy": masked_mean(entropy.detach(), mask).item() * scale,
                 "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item()}

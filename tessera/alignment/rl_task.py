@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule
 from tessera.alignment.grpo import GRPOTrainer, check_group_size
 from tessera.alignment.ppo import SHUFFLE_STREAM, PPOTrainer, ValueModel
 from tessera.alignment.reward import RewardModel
-from tessera.alignment.rollout import RewardFn, merge_history
+from tessera.alignment.rollout import RewardError, RewardFn, merge_history
 from tessera.alignment.rows import LocalRows, RankRows
 from tessera.alignment.sft_data import render
 from tessera.alignment.stage import SampleLoader, StageTask
@@ -141,8 +141,13 @@ class RLUpdate:
         cfg, trainer = self.cfg, self.trainer
         seeds = [prompt_seed(cfg.train.seed, step, i) for i, _ in batch] if cfg.rl.seed_per_prompt else None
         start = time.perf_counter()
-        with gathered(trainer.policy, cfg.parallel.reshard_after_forward):
-            rollout, metrics = trainer.collect([p for _, p in batch], seeds)
+        try:
+            with gathered(trainer.policy, cfg.parallel.reshard_after_forward):
+                rollout, metrics = trainer.collect([p for _, p in batch], seeds)
+        except RewardError as e:  # name the prompt of the data, not the rollout row
+            group = cfg.rl.group_size if isinstance(trainer, GRPOTrainer) else 1
+            raise RewardError(f"{e} (on prompt {batch[e.row // group][0]} of {cfg.data.path}, step {step})",
+                              e.row) from None
         metrics["rollout_s"] = time.perf_counter() - start
         metrics = merge_history(metrics, trainer.update(rollout))
         metrics["step_s"] = time.perf_counter() - start

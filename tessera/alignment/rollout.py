@@ -136,17 +136,49 @@ def last_response_index(action_mask: torch.Tensor) -> torch.Tensor:
     return action_mask.shape[1] - 1 - action_mask.long().flip(1).argmax(dim=1)
 
 
+class RewardError(ValueError):
+    """A reward that cannot train: the function raised, returned no number, or a non-finite one.
+    `row` is the rollout row it happened on."""
+
+    def __init__(self, message: str, row: int):
+        super().__init__(message)
+        self.row = row
+
+
+def _reward_value(reward: RewardFn, name: str, row: int, prompt, response) -> float:
+    try:
+        value = reward(prompt, response)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's function is reported as theirs
+        raise RewardError(f"{name} raised {type(e).__name__}: {e}", row) from None
+    if value is None or isinstance(value, (str, bytes, bool)):
+        raise RewardError(f"{name} returned {value!r}; it must return a number", row)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RewardError(f"{name} returned {value!r}; it must return a number", row) from None
+
+
 @torch.no_grad()
 def score(rollout: Rollout, reward: RewardModel | RewardFn) -> torch.Tensor:
     """One scalar reward per row (B,), float32: the reward model read at the last response token,
-    or `reward(prompt_tokens, response_tokens)` for every row."""
+    or `reward(prompt_tokens, response_tokens)` for every row. A non-finite reward would make every
+    advantage of its group (or batch, once whitened) NaN, so it is refused (RewardError), as is a
+    function that raises or returns no number."""
     if isinstance(reward, RewardModel):
         reward.eval()
-        return reward(rollout.tokens, rollout.response_mask.long()).float()
-    if not callable(reward):
+        values, name = reward(rollout.tokens, rollout.response_mask.long()).float(), "the reward model"
+    elif callable(reward):
+        name = f"rl.reward_fn {getattr(reward, '__module__', '?')}:{getattr(reward, '__qualname__', repr(reward))}"
+        values = torch.tensor([_reward_value(reward, name, i, p, r)
+                               for i, (p, r) in enumerate(zip(rollout.prompts, rollout.responses))],
+                              dtype=torch.float32, device=rollout.tokens.device)
+    else:
         raise ValueError(f"reward must be a RewardModel or a function (prompt, response) -> float, not {type(reward)}")
-    values = [float(reward(p, r)) for p, r in zip(rollout.prompts, rollout.responses)]
-    return torch.tensor(values, dtype=torch.float32, device=rollout.tokens.device)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(f"{name} returned {values[bad[0]].item()} ({len(bad)} non-finite of {len(values)} "
+                          "rewards); rewards must be finite", bad[0])
+    return values
 
 
 def merge_history(metrics: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:

@@ -359,8 +359,14 @@ def read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
 
 
 def model_presets() -> list[str]:
@@ -386,6 +392,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for k in reversed(keys):
             patch = {k: patch}
         raw = merge(raw, patch)
+    if not isinstance(raw.get("model", {}), dict):
+        raise ConfigError(f"model must be a section ([model] with keys), got {raw['model']!r}")
     raw["model"] = _apply_preset(raw.get("model", {}))
     cfg = build_section(Config, raw, "")
     validate(cfg)
@@ -404,6 +412,23 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+    o = cfg.optim
+    at_least_zero = {
+        "model.d_ff": m.d_ff, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
+        "optim.grad_clip": o.grad_clip, "optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps,
+        "eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer, "log.peak_tflops": cfg.log.peak_tflops,
+    }
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0" + (" (0: off)" if key.endswith(".every") else ""))
+    for key, value in {"model.ffn_multiple_of": m.ffn_multiple_of, "train.max_bad_steps": t.max_bad_steps,
+                       "optim.lr": o.lr, "optim.eps": o.eps, "model.norm_eps": m.norm_eps,
+                       "model.rope_theta": m.rope_theta}.items():
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:

@@ -144,13 +144,29 @@ class Trainer:
         for optimizer in self.optimizers:
             set_lr(optimizer, lr)
         update = self.task.update
-        metrics = update(self.step + 1, next(batches)) if update is not None else self.gradient_step(batches)
+        if update is None:
+            metrics = self.gradient_step(batches)
+        else:
+            metrics = update(self.step + 1, next(batches))
+            self.account(metrics.get("skipped", 0.0) == 0.0)  # its optimizer steps skip non-finite gradients
         self.step += 1
         return {**metrics, "lr": lr}
 
+    def account(self, finite: bool) -> None:
+        """Count a step whose update was skipped for a non-finite loss or gradient; `train.max_bad_steps`
+        of them in a row stop the run (the last good checkpoint is left as it was)."""
+        if finite:
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        self.skipped_steps += 1
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(f"{self.bad_in_row} non-finite losses in a row at step {self.step}; "
+                                   f"last good checkpoint: {self.parts.checkpointer.latest()}")
+
     def gradient_step(self, batches: Iterator) -> dict[str, float]:
         """Accumulated micro-batches, clipping, and the optimizer step; a non-finite loss or norm
-        skips the update, and `train.max_bad_steps` of them in a row stop the run."""
+        skips the update (`account`)."""
         t = self.cfg.train
         loss = torch.zeros((), device=self.parts.device)
         metrics: dict[str, torch.Tensor] = {}
@@ -161,18 +177,11 @@ class Trainer:
         loss /= t.grad_accum
         norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         loss_value, norm_value = loss.item(), float(norm)
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
             self.engine.step()
-            self.bad_in_row = 0
-        else:
-            self.bad_in_row += 1
-            self.skipped_steps += 1
-            if self.bad_in_row >= t.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{self.bad_in_row} non-finite losses in a row at step {self.step}; "
-                    f"last good checkpoint: {self.parts.checkpointer.latest()}"
-                )
         self.engine.zero_grad()
+        self.account(finite)
         return {"loss": loss_value, "grad_norm": norm_value, **{k: float(v) for k, v in metrics.items()}}
 
     def fit(self, stop_at: int | None = None) -> dict:
