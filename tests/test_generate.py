@@ -89,3 +89,19 @@ def test_bad_sampling_arguments():
         Sampling(temperature=-1)
     with pytest.raises(ValueError, match="at least one token"):
         list(generate(model("gpt2"), [[]], 3))
+
+
+def test_a_text_stream_prints_multi_byte_characters_whole_and_nothing_twice():
+    """Token by token, a byte-level tokenizer splits 'é' and '☃' over several tokens: decoding each
+    token alone prints replacement characters (what `tessera generate` used to do)."""
+    from tessera.core.text_stream import TextStream
+    from tessera.core.tokenizer import train_bpe
+
+    text = "naïve café ☃ über straße 日本語"
+    tok = train_bpe(iter(["plain ascii words only " * 50]), vocab_size=300)
+    ids = tok.encode(text)
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids)  # the old way breaks characters
+    stream = TextStream(tok, [])
+    deltas = [stream.push(i)[0] for i in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + stream.finish() == text

@@ -16,6 +16,7 @@ def cmd_generate(args) -> None:
     from tessera.core.checkpoint import find_checkpoint
     from tessera.core.generate import Sampling, generate
     from tessera.core.placement import resolve_device
+    from tessera.core.text_stream import TextStream
     from tessera.core.tokenizer import load_tokenizer
     from tessera.interop.quantize import load_for_inference
 
@@ -28,13 +29,14 @@ def cmd_generate(args) -> None:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    stream, special = TextStream(tok, []), {tok.bos_id, tok.eos_id, tok.pad_id}
     sys.stdout.write(args.prompt)
     for step in generate(model, [prompt], args.max_new_tokens, sampling, stop_ids=[tok.eos_id],
                          use_cache=not args.no_cache, pad_id=tok.pad_id, seed=args.seed):
-        if step[0] is not None and step[0] != tok.eos_id:
-            sys.stdout.write(tok.decode([step[0]]))
+        if step[0] is not None and step[0] not in special:  # a multi-byte character prints once it is whole
+            sys.stdout.write(stream.push(step[0])[0])
             sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.finish() + "\n")
 
 
 def cmd_eval_perplexity(args) -> None:
