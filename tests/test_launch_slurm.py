@@ -128,7 +128,7 @@ def scontrol_show(job_id: str) -> str:
 def uninterrupted(slurm_cluster, data, tmp_path_factory):
     """The slurm backend: one srun task running torchrun with 2 gloo ranks, to the end."""
     tmp = tmp_path_factory.mktemp("slurm_jobs")
-    job_id = launch(tmp, data, "plain", "--job.backend=slurm", "--job.cpus_per_task=2")
+    job_id = launch(tmp, data, "plain", "--job.backend=slurm", "--job.cpus_per_node=2")
     result = wait_for(job_id, tmp)
     assert result == "COMPLETED", job_log(job_id, tmp)
     return tmp, job_id
@@ -146,7 +146,7 @@ def test_slurm_job_trains_checkpoints_and_completes(uninterrupted):
 
 def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(uninterrupted, data):
     tmp, _ = uninterrupted
-    job_id = launch(tmp, data, "preempted", "--job.backend=slurm", "--job.cpus_per_task=2")
+    job_id = launch(tmp, data, "preempted", "--job.backend=slurm", "--job.cpus_per_node=2")
     metrics = tmp / "preempted" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and '"step": 20,' in metrics.read_text()):
@@ -172,7 +172,7 @@ def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(uninterru
 
 def test_submitit_job_runs_two_tasks_and_completes(slurm_cluster, data, tmp_path):
     pytest.importorskip("submitit")
-    job_id = launch(tmp_path, data, "submitit", "--job.backend=submitit", "--job.cpus_per_task=1",
+    job_id = launch(tmp_path, data, "submitit", "--job.backend=submitit", "--job.cpus_per_node=1",
                     "--train.steps=20", "--checkpoint.every=10", "--eval.every=10")
     assert wait_for(job_id, tmp_path) == "COMPLETED", job_log(job_id, tmp_path)
     checkpoints = sorted(p.name for p in (tmp_path / "submitit" / "checkpoints").iterdir())
@@ -182,7 +182,7 @@ def test_submitit_job_runs_two_tasks_and_completes(slurm_cluster, data, tmp_path
 
 
 def test_jobs_cancel_stops_a_queued_job(slurm_cluster, data, tmp_path):
-    job_id = launch(tmp_path, data, "cancelled", "--job.backend=slurm", "--job.cpus_per_task=1",
+    job_id = launch(tmp_path, data, "cancelled", "--job.backend=slurm", "--job.cpus_per_node=1",
                     '--job.setup=["sleep 120"]')
     out = tessera("jobs", "cancel", "cancelled", "--dir", str(tmp_path / "jobs"), cwd=tmp_path).stdout
     assert out == f"cancelled {job_id} (cancelled)\n"

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tessera.core.config import ModelConfig, load_config
-from tessera.distributed.planner import GIB, Hardware, Layout, count_params, format_table, plan, rank_layouts
+from tessera.distributed.planner import (
+    GIB, GPUS, Hardware, Layout, checkpoint_bytes, count_params, format_table, hardware, plan, rank_layouts,
+)
 
 CPU = Hardware(device="cpu")
 
@@ -160,6 +162,43 @@ def test_step_time_grows_with_inter_node_sharding_and_recompute():
     assert full.compute_s > intra.compute_s
     inter = plan(cfg, 16, 80, 8192, 1, Layout(dp_shard=16))
     assert inter.comm_s > 4 * intra.comm_s
+
+
+# torchtitan's published H100 runs (pytorch/torchtitan, benchmarks/llama3_h100_202412_torchtitan.md, Tables 1, 3
+# and 4, the rows without torch.compile/Float8 where given): Llama 3.1 at sequence length 8192, bf16 FSDP2
+# with fp32 reduction, torchtitan's "selective op" AC (saves every second matmul output) or full AC,
+# full-logit fp32 cross-entropy (vocab-parallel with TP). "Memory(GiB)" is the allocator's peak reserved.
+PUBLISHED = [  # (model, GPUs, layout, local batch, GiB)
+    ("llama-8b", 8, Layout(dp_shard=8, ac="op", ac_mm_every=2), 2, 82.4),  # Table 1, FSDP
+    ("llama-8b", 128, Layout(dp_shard=128, ac="op", ac_mm_every=2), 2, 67.0),  # Table 3, FSDP
+    ("llama-70b", 256, Layout(dp_shard=32, tp=8, ac="full"), 16, 71.9),  # Table 4, 2D (compile + Float8)
+]
+
+
+@pytest.mark.parametrize("name, gpus, layout, micro_batch, published", PUBLISHED)
+def test_memory_model_matches_torchtitans_published_h100_runs(name, gpus, layout, micro_batch, published):
+    est = plan(preset(name), gpus, 96, 8192, micro_batch, layout, GPUS["h100"], fused_loss=False)
+    assert abs(est.total / GIB / published - 1) < 0.15, (est.total / GIB, published)
+
+
+def test_hardware_assumptions_are_named_settable_and_printed():
+    hw = hardware("a100", mfu=0.5, inter_gbps=25)
+    assert (hw.peak_tflops, hw.mfu, hw.intra_gbps, hw.inter_gbps) == (312.0, 0.5, 250.0, 25.0)
+    assert hardware("h200").mem_gb == 141.0
+    cfg = preset("llama-8b")
+    fast, slow = (plan(cfg, 8, 80, 8192, 1, Layout(dp_shard=8), hardware(mfu=m)) for m in (0.5, 0.25))
+    assert slow.compute_s == pytest.approx(2 * fast.compute_s)
+    text = hardware("h100").describe()
+    for fact in ("989 TFLOP/s", "40% MFU", "400 GB/s", "50 GB/s", "1.5 GiB runtime", "10% allocator"):
+        assert fact in text, fact
+    with pytest.raises(ValueError, match="gpu='v100' is not known; valid: h100, h200, a100"):
+        hardware("v100")
+
+
+def test_checkpoint_size_is_parameters_and_adam_state():
+    n = count_params(preset("llama-70b"))["total"]
+    assert checkpoint_bytes(preset("llama-70b")) == 12 * n and 0.84e12 < 12 * n < 0.86e12
+    assert checkpoint_bytes(preset("llama-70b"), Layout(engine="deepspeed")) == 14 * n
 
 
 @pytest.mark.parametrize("kwargs, gpus, message", [

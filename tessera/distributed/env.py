@@ -3,10 +3,12 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; `srun` without torchrun sets SLURM_PROCID/
 SLURM_NTASKS/SLURM_LOCALID but not the rendezvous address, which the launcher must export.
 Anything else is a single process and gets no process group, so the same training code runs
-unchanged from a laptop to a cluster.
+unchanged from a laptop to a cluster. The launcher's `job.dist_timeout_s` arrives as
+TESSERA_DIST_TIMEOUT_S, the collective timeout (torch's default: 10 minutes).
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -54,7 +56,11 @@ def init_distributed(device_type: str = "auto") -> DistributedEnv:
         device = torch.device(device_type)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        timeout = int(os.environ.get("TESSERA_DIST_TIMEOUT_S", "0") or 0)
+        # device_id binds the NCCL communicator to this rank's GPU at once (eager init, no guessing)
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout) if timeout > 0 else None,
+                                device_id=device if device_type == "cuda" else None)
     return DistributedEnv(rank, local_rank, world, device, dist.get_backend())
 
 

@@ -24,7 +24,8 @@ their measured peaks, the test allows 15%). Assumptions:
   counted). Norm statistics and log-sum-exp are fp32. Checkpointing: "full" keeps each block's
   input and recomputes one block at a time; "selective" checkpoints every k-th block; "op" keeps
   the block input and matmul/attention outputs and recomputes norms and activation functions.
-- Loss: unfused, fp32 log-softmax tokens x vocab is saved and backward holds two more of those;
+- Loss: unfused, fp32 log-softmax tokens x vocab is saved and backward holds two more of those
+  (three with tp > 1: loss parallel's DTensor log-softmax backward materialises exp and a sum);
   fused (the torch path above 2^24 logits, Triton on GPU) saves d(hidden) and d(weight) and
   walks 2^24-logit chunks.
 - Peak = parameters + optimizer state + the larger of (activations + the head's gradient + the
@@ -32,8 +33,15 @@ their measured peaks, the test allows 15%). Assumptions:
   start of backward and all gradients at its end (saved activations are freed as gradients
   accumulate), + temporaries: FSDP/ZeRO-3 all-gathers of two units (current and prefetched)
   and one unit's unsharded fp32 gradient for the reduce-scatter.
-  On CUDA a fixed `runtime_gb` (context, cuBLAS/NCCL workspaces, allocator slack) is added; on CPU
-  nothing, since the CPU allocator has no cache.
+  With tp > 1 and sequence parallel, the column-parallel matmuls' all-gathered (full-sequence)
+  inputs are saved by every layer that keeps its activations, and a recomputed block holds two of
+  them plus the gradient of one before its reduce-scatter.
+  On CUDA a fixed `runtime_gb` (context, cuBLAS/NCCL workspaces) is added and the sum is scaled by
+  `1 + fragmentation`: the caching allocator reserves more than the live tensors (what
+  `torch.cuda.max_memory_reserved` and torchtitan's "Memory(GiB)" report); on CPU neither, since
+  the CPU allocator has no cache.
+- Checked against torchtitan's published H100 rows (tests/test_planner.py carries them with their
+  source): within 15% for Llama 3.1 8B on 8 and 128 GPUs and 70B on FSDP 32 x TP 8.
 - Time = compute + communication with no overlap (an upper bound). Compute = flops_per_token
   (6N without embeddings + 12 L d S attention) x tokens / tp, +2N per recomputed block, at
   `mfu` x peak (fp32 at half the bf16 peak). Communication per GPU: FSDP/ZeRO-3 all-gather in
@@ -43,6 +51,7 @@ their measured peaks, the test allows 15%). Assumptions:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -65,6 +74,7 @@ class Layout:
     precision: str = "bf16"  # bf16 (params + fp32 master) | fp32
     engine: str = "fsdp"  # fsdp | deepspeed
     zero_stage: int = 3  # deepspeed only
+    ac_mm_every: int = 1  # ac "op": keep every k-th matmul output (1: all, as apply_ac; torchtitan's op SAC: 2)
 
     @property
     def world(self) -> int:
@@ -72,7 +82,7 @@ class Layout:
 
     def describe(self) -> str:
         eng = "fsdp" if self.engine == "fsdp" else f"zero{self.zero_stage}"
-        ac = f"sel/{self.ac_every}" if self.ac == "selective" else self.ac
+        ac = {"selective": f"sel/{self.ac_every}", "op": f"op/{self.ac_mm_every}"}.get(self.ac, self.ac)
         return f"{eng} r{self.dp_replicate} s{self.dp_shard} tp{self.tp} ac={ac} {self.precision}"
 
 
@@ -84,7 +94,36 @@ class Hardware:
     intra_gbps: float = 400.0  # per-GPU bandwidth within a node (NVLink)
     inter_gbps: float = 50.0  # per-GPU bandwidth between nodes
     gpus_per_node: int = 8
-    runtime_gb: float = 1.5  # CUDA context, workspaces, allocator slack
+    runtime_gb: float = 1.5  # CUDA context, cuBLAS and NCCL workspaces
+    fragmentation: float = 0.10  # caching allocator: reserved / allocated - 1
+    mem_gb: float = 80.0  # GiB per GPU, the default --gpu-mem
+
+    def describe(self) -> str:
+        """The assumptions every estimate rests on, for `tessera plan` to print above its table."""
+        return (f"assuming {self.peak_tflops:g} TFLOP/s bf16 at {self.mfu:.0%} MFU, {self.intra_gbps:g} GB/s within "
+                f"a node of {self.gpus_per_node} and {self.inter_gbps:g} GB/s between nodes, {self.mem_gb:g} GiB per GPU, "
+                f"{self.runtime_gb:g} GiB runtime, {self.fragmentation:.0%} allocator fragmentation")
+
+
+# Vendor peak dense bf16 TFLOP/s, memory, NVLink and per-GPU network bandwidth (SXM parts, 400 Gb/s
+# InfiniBand for H100/H200, 200 Gb/s for A100).
+GPUS = {
+    "h100": Hardware(peak_tflops=989.0, intra_gbps=400.0, inter_gbps=50.0, mem_gb=80.0),
+    "h200": Hardware(peak_tflops=989.0, intra_gbps=400.0, inter_gbps=50.0, mem_gb=141.0),
+    "a100": Hardware(peak_tflops=312.0, intra_gbps=250.0, inter_gbps=25.0, mem_gb=80.0),
+}
+
+
+def hardware(gpu: str = "h100", mfu: float = 0.0, intra_gbps: float = 0.0, inter_gbps: float = 0.0,
+             gpus_per_node: int = 0) -> Hardware:
+    """A GPU of `GPUS` with any of its assumptions replaced (0: keep); ValueError naming the valid ones."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu={gpu!r} is not known; valid: {', '.join(GPUS)}")
+    if not 0 <= mfu <= 1 or min(intra_gbps, inter_gbps, gpus_per_node) < 0:
+        raise ValueError(f"mfu={mfu} must be in (0, 1] and bandwidths and gpus_per_node >= 0")
+    base = GPUS[gpu]
+    return dataclasses.replace(base, mfu=mfu or base.mfu, intra_gbps=intra_gbps or base.intra_gbps,
+                               inter_gbps=inter_gbps or base.inter_gbps, gpus_per_node=gpus_per_node or base.gpus_per_node)
 
 
 @dataclass
@@ -135,8 +174,8 @@ def _check(c: ModelConfig, gpus: int, lay: Layout) -> None:
         raise ValueError(f"tp={lay.tp} must divide the MLP width d_ff={c.ffn_dim}")
     if lay.ac not in AC_MODES:
         raise ValueError(f"ac={lay.ac!r} is not valid; valid: {', '.join(AC_MODES)}")
-    if lay.ac == "selective" and lay.ac_every < 1:
-        raise ValueError(f"ac_every={lay.ac_every} must be >= 1")
+    if lay.ac_every < 1 or lay.ac_mm_every < 1:
+        raise ValueError(f"ac_every={lay.ac_every} and ac_mm_every={lay.ac_mm_every} must be >= 1")
     if lay.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={lay.precision!r} is not valid; valid: bf16, fp32")
     if lay.engine not in ("fsdp", "deepspeed"):
@@ -145,14 +184,15 @@ def _check(c: ModelConfig, gpus: int, lay: Layout) -> None:
         raise ValueError(f"zero_stage={lay.zero_stage} is not valid; valid: 1, 2, 3")
 
 
-def layer_activation_bytes(c: ModelConfig, tokens: float, ac: str, act_b: int) -> float:
-    """Bytes one layer saves for `tokens` tokens (ac "op": its matmul/attention outputs only)."""
+def layer_activation_bytes(c: ModelConfig, tokens: float, ac: str, act_b: int, mm_every: int = 1) -> float:
+    """Bytes one layer saves for `tokens` tokens (ac "op": its input, the attention output and
+    every `mm_every`-th matmul output, counted in forward order from the first)."""
     d, kv, f = c.d_model, c.kv_heads * c.head_dim, c.ffn_dim
     rms = c.norm == "rmsnorm"
     qkv_out = d + 2 * kv + d  # q, k, v (after RoPE) and the attention output
-    if ac == "op":  # block input, q/k/v/attention, wo, up (+gate) and down outputs
-        mlp_mm = (2 if c.mlp == "swiglu" else 1) * f + d
-        return tokens * ((d + qkv_out + d + mlp_mm) * act_b + c.n_heads * 4)
+    if ac == "op":  # block input, attention output; q, k, v, wo, up (+gate) and down outputs
+        matmuls = [d, kv, kv, d, *([f, f] if c.mlp == "swiglu" else [f]), d]
+        return tokens * ((2 * d + sum(matmuls[::mm_every])) * act_b + c.n_heads * 4)
     norms = 2 * (d + (d if rms else 0))  # each norm's input (+ RMSNorm's normalized copy)
     mlp = (4 if c.mlp == "swiglu" else 2) * f
     stats = (1 if rms else 2) * 2 + c.n_heads  # norm statistics and log-sum-exp, fp32
@@ -195,7 +235,10 @@ def plan(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, mic
         k = -(-L // lay.ac_every)  # blocks 0, k, 2k, ... as parallelize.apply_ac
         saved_layers, recompute = k * boundary + (L - k) * layer_full, layer_full if k else 0.0
     else:
-        saved_layers, recompute = L * layer_activation_bytes(c, tokens, "op", act_b), layer_full
+        saved_layers, recompute = L * layer_activation_bytes(c, tokens, "op", act_b, lay.ac_mm_every), layer_full
+    # Sequence parallel: the column-parallel matmuls' inputs are all-gathered to the full sequence.
+    gathered = 2 * micro_batch * seq_len * d * act_b * (1 - 1 / tp)
+    saved_layers += gathered * {"none": L, "selective": L - -(-L // lay.ac_every)}.get(lay.ac, 0)
     rope = 2 * micro_batch * seq_len * c.head_dim * 4 if c.pos == "rope" else 0
     rms = c.norm == "rmsnorm"
     head_acts = tokens * (8 + (2 + rms) * d * act_b + 8) + rope  # ids, final norm in/out, stats
@@ -208,16 +251,17 @@ def plan(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, mic
     if fused:
         loss_buffers = tokens * d * act_b + V * d * 4 + 2 * min(logits, CHUNK_LOGITS) * 4 + V * d * 4
     else:
-        loss_buffers = 3 * logits * 4
+        loss_buffers = (4 if tp > 1 else 3) * logits * 4  # loss parallel's DTensor decomposition holds one more
     sharded_units = stage == 3 and shard > 1
     unit = max(n["block"], n["head"] / (1 if c.tie_embeddings else 2)) / tp
     temporaries = unit * (2 * (2 if bf16 else 4) + 4) if sharded_units else 0.0
     runtime = hw.runtime_gb * GIB if hw.device == "cuda" else 0.0
     # Backward runs the loss first, then each block (recomputed when checkpointed) while two
     # activation-gradient tensors of MLP width are live.
-    working = recompute + 2 * tokens * max(c.ffn_dim / tp, d) * act_b
+    working = recompute + 2 * tokens * max(c.ffn_dim / tp, d) * act_b + (1.5 * gathered if lay.ac != "none" else 0.0)
     start_bwd = activations + head_grad / (shard if stage >= 2 else 1) + max(loss_buffers, working)
     total = params + optimizer + max(start_bwd, grads) + temporaries + runtime
+    total *= 1 + (hw.fragmentation if hw.device == "cuda" else 0.0)
 
     # Step time.
     tok_global = micro_batch * seq_len * lay.dp_replicate * shard
@@ -251,6 +295,13 @@ def plan(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, mic
                     loss_buffers=int(loss_buffers), temporaries=int(temporaries), runtime=int(runtime),
                     total=int(total), fits=total <= gpu_mem_gb * GIB, compute_s=compute_s, comm_s=comm,
                     step_s=step_s, tokens_per_s=tok_global / step_s, notes=notes)
+
+
+def checkpoint_bytes(model_cfg: ModelConfig, layout: Layout = Layout()) -> int:
+    """Bytes of one full checkpoint (all ranks together): the parameters as the engine keeps them
+    plus AdamW's state; FSDP/fp32: 4 + 8 per parameter, DeepSpeed bf16: 2 + 12 (fp32 master)."""
+    per_param = 14 if layout.engine == "deepspeed" and layout.precision == "bf16" else 12
+    return count_params(model_cfg)["total"] * per_param
 
 
 def _divisors(n: int) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,9 @@ class JobConfig:
     nodes: int = 1
     gpus_per_node: int = 0
     nproc_per_node: int = 0  # processes per node; 0: gpus_per_node, or 1 without GPUs
-    cpus_per_task: int = 0  # 0: not requested
+    cpus_per_node: int = 0  # CPUs per node in every backend, split evenly over its tasks; 0: not requested
+    gpu: str = ""  # the nodes' GPU (h100, h200, a100: the planner's table): checks the layout fits; "": no check
+    gpu_request: Literal["gpus-per-node", "gres"] = "gpus-per-node"  # SLURM: --gpus-per-node=N or --gres=gpu:N
     mem: str = ""  # SLURM --mem, e.g. "64G"; "0" is the whole node
     time: str = ""  # SLURM --time, e.g. "2-00:00:00"
     partition: str = ""
@@ -45,8 +48,13 @@ class JobConfig:
     torchrun: str = "torchrun"
     port: int = 29500  # rendezvous port on the first node
     max_restarts: int = 0  # torchrun restarts of the whole group after a failure
-    signal: str = "USR1@90"  # SLURM: signal before the time limit; "" for none
-    requeue: bool = True  # SLURM: a job stopped by `signal` requeues itself and resumes
+    signal: str = "USR1@auto"  # SLURM: signal SECONDS before the time limit ("auto": from the checkpoint's size); "" for none
+    ckpt_write_gbps: float = 5.0  # the storage's checkpoint write bandwidth (GB/s, whole job), for signal "auto"
+    requeue: bool = True  # SLURM: a job stopped by `signal`, or whose step failed (up to max_restarts), requeues and resumes
+    sbatch: tuple[str, ...] = ()  # extra #SBATCH options, e.g. ["--reservation=r1", "--exclude=n7", "--mail-type=END"]
+    socket_ifname: str = ""  # NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME of the nodes, e.g. "ib0"; "": NCCL's choice
+    dist_timeout_s: int = 0  # collective timeout of the process group (TESSERA_DIST_TIMEOUT_S); 0: torch's 10 min
+    log_ranks: str = ""  # torchrun --local-ranks-filter: local ranks shown on the console, e.g. "0"; "": all
     slurm_tasks: Literal["node", "process"] = "node"  # one srun task per node (torchrun) or per process
     node_rank: int = 0  # torchrun backend: the node whose command runs here
     hosts: tuple[str, ...] = ()  # torchrun backend: node addresses, the first is the endpoint
@@ -78,6 +86,9 @@ class LaunchConfig:
     def train_overrides(self) -> list[str]:
         """Everything the recipe is run with: its overrides, then the layout."""
         return [*self.recipe.overrides, *self.parallel]
+
+
+_JOB_TYPES = typing.get_type_hints(JobConfig)
 
 
 def _flatten(values: dict, prefix: str) -> list[str]:
@@ -125,12 +136,11 @@ def _env(value: Any) -> tuple[tuple[str, str], ...]:
 
 def _build_job(values: dict) -> JobConfig:
     values = dict(values)
-    special = {k: values.pop(k) for k in ("hosts", "env", "setup") if k in values}
+    special = {k: values.pop(k) for k in ("hosts", "env", "setup", "sbatch") if k in values}
     job = build_section(JobConfig, values, "job")
-    if "hosts" in special:
-        job = dataclasses.replace(job, hosts=_strings("job.hosts", special["hosts"]))
-    if "setup" in special:
-        job = dataclasses.replace(job, setup=_strings("job.setup", special["setup"]))
+    for key in ("hosts", "setup", "sbatch"):
+        if key in special:
+            job = dataclasses.replace(job, **{key: _strings(f"job.{key}", special[key])})
     if "env" in special:
         job = dataclasses.replace(job, env=_env(special["env"]))
     return job
@@ -150,15 +160,25 @@ def validate_job(job: JobConfig) -> None:
     for key in ("nodes", "port"):
         if getattr(job, key) < 1:
             raise ConfigError(f"job.{key}={getattr(job, key)} must be positive")
-    for key in ("gpus_per_node", "nproc_per_node", "cpus_per_task", "max_restarts", "node_rank"):
+    for key in ("gpus_per_node", "nproc_per_node", "cpus_per_node", "max_restarts", "node_rank", "dist_timeout_s"):
         if getattr(job, key) < 0:
             raise ConfigError(f"job.{key}={getattr(job, key)} must be >= 0")
+    if job.cpus_per_node % tasks_per_node(job):
+        raise ConfigError(f"job.cpus_per_node={job.cpus_per_node} must divide evenly over the node's "
+                          f"{tasks_per_node(job)} tasks (job.slurm_tasks={job.slurm_tasks!r}, backend {job.backend!r})")
+    if job.ckpt_write_gbps <= 0:
+        raise ConfigError(f"job.ckpt_write_gbps={job.ckpt_write_gbps} must be > 0")
+    bad = [o for o in job.sbatch if not re.fullmatch(r"--[a-z][a-z-]*(=\S.*)?", o)]
+    if bad:
+        raise ConfigError(f"job.sbatch: {bad[0]!r} is not an sbatch option; valid: '--option=value', e.g. '--reservation=r1'")
+    if job.log_ranks and not re.fullmatch(r"\d+(,\d+)*", job.log_ranks):
+        raise ConfigError(f"job.log_ranks={job.log_ranks!r} is not valid; valid: '' or local ranks such as '0' or '0,1'")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", job.name):
         raise ConfigError(f"job.name={job.name!r} may contain only letters, digits, '_', '.', '-'")
     if job.time and not _SLURM_TIME.match(job.time):
         raise ConfigError(f"job.time={job.time!r} is not a SLURM time; valid: MM, HH:MM:SS, D-HH:MM:SS")
-    if job.signal and not re.fullmatch(r"(B:)?[A-Z0-9]+@\d+", job.signal):
-        raise ConfigError(f"job.signal={job.signal!r} is not valid; valid: '' or SIG@SECONDS, e.g. USR1@90")
+    if job.signal and not re.fullmatch(r"(B:)?[A-Z0-9]+@(\d+|auto)", job.signal):
+        raise ConfigError(f"job.signal={job.signal!r} is not valid; valid: '' or SIG@SECONDS or SIG@auto, e.g. USR1@90")
     if job.setup and job.backend in ("local", "torchrun"):
         raise ConfigError(f"job.setup runs in batch scripts only; valid with job.backend='slurm' or 'submitit' "
                           f"(for job.backend={job.backend!r}, run it in your shell first)")
@@ -170,6 +190,11 @@ def validate_job(job: JobConfig) -> None:
                               "list every node's address, the rendezvous endpoint first")
         if job.node_rank >= job.nodes:
             raise ConfigError(f"job.node_rank={job.node_rank} must be below job.nodes={job.nodes}")
+
+
+def tasks_per_node(job: JobConfig) -> int:
+    """SLURM tasks on each node: one torchrun (sbatch, slurm_tasks "node") or one per process (submitit, "process")."""
+    return 1 if job.backend != "submitit" and job.slurm_tasks == "node" else job.procs_per_node
 
 
 def _parallel(values: dict, world: int) -> tuple[str, ...]:
@@ -187,6 +212,8 @@ def _patch(raw: dict, overrides: list[str]) -> dict:
     any other key is a recipe override."""
     for arg in overrides:
         keys, value = parse_override(arg)
+        if len(keys) == 2 and keys[0] == "job" and _JOB_TYPES.get(keys[1]) is str and not isinstance(value, str):
+            value = arg.split("=", 1)[1]  # SLURM's 01:00:00, 60, 0 or 1234 as written, not TOML's time or number
         keys = keys if keys[0] in LAUNCH_SECTIONS else ["recipe", "overrides", *keys]
         raw = merge(raw, _nest(keys, value))
     return raw

@@ -3,12 +3,17 @@
 The backends differ in where the training command runs: here (`local`), on each listed node
 (`torchrun`, this node's command runs here), or on SLURM (`slurm`, `submitit`). `--dry-run`
 prints exactly what would be run or submitted and touches nothing.
+
+Before a SLURM job is submitted, `preflight.check` runs on this node the checks its first second
+would run (config, data, tokenizer) and the planner's fit on `job.gpu`, and sizes the preemption
+signal's lead; `--dry-run` runs the same minus the data check. The local and torchrun backends
+start the training at once, whose first act is that same data check.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from tessera.launchers import jobs, local, slurm, torchrun
+from tessera.launchers import jobs, local, preflight, slurm, torchrun
 from tessera.launchers.config import LaunchConfig, load_launch_config
 
 
@@ -17,7 +22,7 @@ def _env_prefix(env: list[tuple[str, str]]) -> str:
 
 
 def plan(cfg: LaunchConfig) -> str:
-    """The dry-run text of `cfg`."""
+    """The dry-run text of `cfg` (its signal resolved, see `preflight.resolve`)."""
     job = cfg.job
     if job.backend == "slurm":
         return f"sbatch --parsable {slurm.script_path(cfg)}\n--- {slurm.script_path(cfg)}\n{slurm.render(cfg)}"
@@ -36,6 +41,10 @@ def plan(cfg: LaunchConfig) -> str:
 def launch(path: str, overrides: list[str], dry_run: bool = False, echo: Callable[[str], None] = print) -> int:
     """Launch (or with `dry_run` describe) the job of a launch config; returns an exit status."""
     cfg = load_launch_config(path, overrides)
+    figures = preflight.Figures()
+    if preflight.needs_figures(cfg):
+        figures = preflight.check(cfg, data=not dry_run)
+        cfg = preflight.resolve(cfg, figures)
     job = cfg.job
     if dry_run:
         echo(plan(cfg))
@@ -54,4 +63,6 @@ def launch(path: str, overrides: list[str], dry_run: bool = False, echo: Callabl
     jobs.record(jobs.JobEntry(job_id, job.name, job.backend, job.output_dir, logs))
     echo(f"submitted job {job_id} ({job.name}, {job.nodes} node(s) x {job.procs_per_node} process(es))"
          + (f" from {script}" if script else "") + f"; log: {logs[0]}; tessera jobs status {job_id} --dir {job.output_dir}")
+    if job.signal:
+        echo(f"preemption: signal {job.signal.removeprefix('B:')} before the time limit; " + preflight.advice(cfg, figures))
     return 0

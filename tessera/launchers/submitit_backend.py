@@ -71,21 +71,35 @@ def parameters(cfg: LaunchConfig) -> dict:
     job = cfg.job
     if not job.time:
         raise ConfigError("job.time is required with job.backend='submitit' (submitit's default is 5 minutes)")
+    env = [(k, v) for k, v in torchrun.environment(cfg) if k != torchrun.PREFIX_ENV[0]]
+    setup = ["set +u", *job.setup, "set -u"] if job.setup else []
     params = {"name": job.name, "nodes": job.nodes, "tasks_per_node": job.procs_per_node,
-              "timeout_min": minutes(job.time), "slurm_setup": [f"export {k}={torchrun.shell_line([v])}" for k, v in job.env]
-              + list(job.setup)}
+              "timeout_min": minutes(job.time), "slurm_setup": [f"export {k}={torchrun.shell_line([v])}" for k, v in env]
+              + setup}
     if job.gpus_per_node:
         params["gpus_per_node"] = job.gpus_per_node
-    if job.cpus_per_task:
-        params["cpus_per_task"] = job.cpus_per_task
+    if job.cpus_per_node:
+        params["cpus_per_task"] = job.cpus_per_node // job.procs_per_node
+    if job.gpus_per_node and job.gpu_request == "gres":
+        params["slurm_gres"] = f"gpu:{params.pop('gpus_per_node')}"
     for key in ("partition", "account", "qos", "constraint", "mem"):
         if getattr(job, key):
             params[f"slurm_{key}"] = getattr(job, key)
     if job.exclusive:
         params["slurm_exclusive"] = True
     if job.signal:
+        if job.signal.endswith("@auto"):
+            raise ValueError("parameters need the signal in seconds: preflight.resolve(cfg, figures) first")
         params["slurm_signal_delay_s"] = int(job.signal.split("@")[1])
+    if job.sbatch:
+        params["slurm_additional_parameters"] = dict(_option(o) for o in job.sbatch)
     return params
+
+
+def _option(option: str) -> tuple[str, str | bool]:
+    """`--mail-type=END` -> ("mail_type", "END") as submitit's slurm_additional_parameters spell it."""
+    name, _, value = option.removeprefix("--").partition("=")
+    return name.replace("-", "_"), value or True
 
 
 def command(cfg: LaunchConfig) -> list[str]:
