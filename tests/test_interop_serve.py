@@ -16,6 +16,7 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tessera import kernels  # noqa: E402
 from tessera.core.checkpoint import load_model_from_checkpoint  # noqa: E402
@@ -167,9 +168,9 @@ def test_32_concurrent_requests_are_batched_and_correct(server, char_tokenizer, 
     assert all(r.status_code == 200 for r in replies)
     for reply, prompt, n in zip(replies, prompts, lengths):
         assert reply.json()["choices"][0]["text"] == _expected(ckpt, char_tokenizer, prompt, n)
-    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("tessera_batch"))
-    shared = int(values["tessera_batched_requests_total"]) + int(metrics.split("tessera_joined_requests_total ")[1].split()[0])
-    assert shared > int(values["tessera_batches_total"])  # requests shared batches
+    values = {s.name: s.value for family in text_string_to_metric_families(metrics) for s in family.samples}
+    shared = values["tessera_batched_requests_total"] + values["tessera_joined_requests_total"]
+    assert shared > values["tessera_batches_total"]  # requests shared batches
 
 
 def test_int8_checkpoint_is_served_in_process(tmp_path, server):
