@@ -6,7 +6,8 @@ TORCH = "torch==2.13.0"
 TRITON = "triton==3.7.1; platform_system == 'Linux'"
 DEEPSPEED = "deepspeed==0.19.8"
 # tessera.interop: ONNX export (torch's exporter needs onnxscript) and checking, HTTP serving.
-INTEROP = ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20", "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27"]
+INTEROP = ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20", "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27",
+           "prometheus-client>=0.20"]
 
 setup(
     name="tessera",

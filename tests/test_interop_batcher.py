@@ -35,12 +35,18 @@ class Collector:
             self.done.set()
 
 
-@pytest.mark.parametrize("pos", ["rope", "learned"])
-def test_staggered_requests_decode_as_alone(pos):
+@pytest.mark.parametrize("pos,int8", [("rope", False), ("learned", False), ("rope", True)],
+                         ids=["rope", "learned", "rope-int8"])
+def test_staggered_requests_decode_as_alone(pos, int8):
+    """int8 too: activations are quantized per token, so a row's logits never depend on its batch."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=32, pos=pos,
                       norm="rmsnorm", mlp="swiglu", init_std=0.3)
     model = Transformer(cfg).eval()
+    if int8:
+        from tessera.interop.quantize import quantize_model
+
+        model = quantize_model(model)
     rng = random.Random(0)
     batcher = Batcher(model, max_batch=4, batch_wait_s=0.0)
     batcher.start()
@@ -99,3 +105,48 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
         assert good.done.wait(30) and good.finish == "length" and len(good.tokens) == 5
     finally:
         batcher.stop()
+
+
+def test_one_bad_request_never_fails_the_others():
+    """A seed the generator refuses (>= 2**64) and a client whose callback raises end their own
+    request only; every other request in the running batch decodes as it would alone."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, n_layers=1, n_heads=2, d_model=16, max_seq_len=32)).eval()
+    batcher = Batcher(model, max_batch=8, batch_wait_s=0.05)
+    good = [Collector() for _ in range(3)]
+    prompts = ([1, 2, 3], [4], [5, 6])
+
+    def broken(kind, value):
+        raise RuntimeError("client went away")
+
+    batcher.start()
+    try:
+        batcher.submit(Job(list(prompts[0]), 20, Sampling(temperature=0), good[0]))
+        for seed in (1 << 64, -(1 << 63) - 1):
+            bad = Collector()
+            batcher.submit(Job([7, 8], 20, Sampling(temperature=0.8), bad, seed=seed))
+            assert bad.done.wait(30) and bad.finish.startswith("error") and "seed" in bad.finish
+        broken_job = Job([9, 10], 20, Sampling(temperature=0), broken)
+        batcher.submit(broken_job)
+        for c, prompt in zip(good[1:], prompts[1:]):
+            batcher.submit(Job(list(prompt), 20, Sampling(temperature=0), c))
+        assert all(c.done.wait(30) for c in good)
+    finally:
+        batcher.stop()
+    assert broken_job.cancelled
+    for c, prompt in zip(good, prompts):
+        alone = generate_tokens(model, [list(prompt)], 20, sampling=Sampling(temperature=0))[0]
+        assert c.finish == "length" and c.tokens == alone
+
+
+def test_stop_answers_every_request_still_waiting_or_running():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, n_layers=1, n_heads=2, d_model=16, max_seq_len=64)).eval()
+    batcher = Batcher(model, max_batch=2, batch_wait_s=0.0)
+    collectors = [Collector() for _ in range(6)]
+    batcher.start()
+    for c in collectors:
+        batcher.submit(Job([1, 2], 60, Sampling(temperature=0), c))
+    batcher.stop()
+    assert all(c.done.wait(5) for c in collectors)
+    assert any(c.finish == "error: server shutting down" for c in collectors)

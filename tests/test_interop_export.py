@@ -90,3 +90,54 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     assert (tmp_path / "back" / "model.safetensors").exists()
     assert main(["convert", "to-hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_int8_linear_matches_a_float64_reference_and_rows_do_not_depend_on_their_batch():
+    from tessera.interop.quantize import QMAX, Int8Linear
+
+    g = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(37, 23)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(23, 37, generator=g))
+        linear.bias.copy_(torch.randn(23, generator=g))
+    x = torch.randn(5, 7, 37, generator=g) * torch.logspace(-3, 2, 7)[None, :, None]  # rows of very different scale
+    int8 = Int8Linear.from_float(linear)
+    got = int8(x)
+    rows = x.reshape(-1, 37).double()
+    s = rows.abs().amax(1, keepdim=True) / QMAX
+    w = linear.weight.double()
+    sw = w.abs().amax(1) / QMAX
+    q, qw = torch.round(rows / s).clamp(-QMAX, QMAX), torch.round(w / sw[:, None]).clamp(-QMAX, QMAX)
+    exact = (q @ qw.T) * s * sw
+    reference = (exact + linear.bias.double()).reshape(5, 7, 23)
+    # int32 sums are exact and below 2**24, so fp32 adds only the rounding of two products and one sum
+    tolerance = 4 * torch.finfo(torch.float32).eps * (exact.abs() + linear.bias.double().abs()).reshape(5, 7, 23)
+    assert ((got.double() - reference).abs() <= tolerance).all()
+    assert torch.equal(got[2, 3], int8(x[2:3, 3:4])[0, 0])  # alone, it is bit for bit what it is in the batch
+    assert (got.double() - linear(x).double()).abs().max() < 0.02 * linear(x).abs().max()
+
+
+@pytest.mark.parametrize("arch", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_int8_model_takes_targets_and_full_precision_commands_refuse_it_in_one_line(tmp_path, arch, capsys):
+    import torch.nn.functional as F
+
+    from tessera.core.checkpoint import load_model_from_checkpoint
+    from tessera.interop.quantize import load_for_inference, quantize_int8
+
+    _, ckpt = _checkpoint(tmp_path, "ckpt", **arch)
+    out = quantize_int8(ckpt, tmp_path / "int8")
+    model = load_for_inference(out)
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, 1)
+    targets[0, :4] = -100
+    with torch.no_grad():
+        loss = model(ids, targets)
+        reference = F.cross_entropy(model(ids).double().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert abs(loss.item() - reference.item()) <= 1e-5 * reference.item()
+    with pytest.raises(ValueError, match="int8 checkpoint") as refused:
+        load_model_from_checkpoint(out)
+    assert str(ckpt) in str(refused.value) and "\n" not in str(refused.value)
+    capsys.readouterr()
+    assert main(["export", "onnx", str(out), str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "int8 checkpoint" in err and err.count("\n") == 1 and "Traceback" not in err

@@ -4,75 +4,24 @@ metrics, and 32 concurrent requests each answered as if decoded alone."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tessera import kernels  # noqa: E402
-from tessera.core.checkpoint import load_model_from_checkpoint  # noqa: E402
-from tessera.core.config import ModelConfig  # noqa: E402
-from tessera.core.generate import Sampling, generate_tokens  # noqa: E402
-from tessera.core.model import Transformer  # noqa: E402
-
-KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_server import AUTH, expected_text, make_checkpoint, start  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, char_tokenizer):
-    from safetensors.torch import save_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=char_tokenizer.vocab_size, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64,
-                      max_seq_len=128, norm="rmsnorm", pos="rope", mlp="swiglu", init_std=0.3)
-    ckpt = tmp_path_factory.mktemp("serve") / "step_000001"
-    ckpt.mkdir()
-    save_model(Transformer(cfg), str(ckpt / "model.safetensors"))
-    (ckpt / "config.json").write_text(json.dumps(cfg.__dict__))
-    char_tokenizer.save(ckpt)
-    port = _free_port()
-    env = {**os.environ, "TESSERA_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tessera", "serve", "--ckpt", str(ckpt), "--port", str(port),
-                             "--max-tokens", "40", "--max-prompt-tokens", "100", "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read()}")
-        time.sleep(0.2)
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("serve"), char_tokenizer)
+    proc, base = start(ckpt)
     yield base, ckpt
     proc.terminate()
     proc.wait(timeout=10)
-
-
-def _expected(ckpt, tokenizer, prompt: str, max_tokens: int) -> str:
-    kernels.configure("torch")
-    model = load_model_from_checkpoint(ckpt)
-    ids = generate_tokens(model, [tokenizer.encode(prompt)], max_tokens, sampling=Sampling(temperature=0),
-                          stop_ids=[tokenizer.eos_id])[0]
-    return tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids)
 
 
 def test_completion_and_stream_agree(server, char_tokenizer):
@@ -82,7 +31,7 @@ def test_completion_and_stream_agree(server, char_tokenizer):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] in ("length", "stop")
-    assert out["choices"][0]["text"] == _expected(ckpt, char_tokenizer, body["prompt"], 20)
+    assert out["choices"][0]["text"] == expected_text(ckpt, char_tokenizer, body["prompt"], 20)
     assert out["usage"]["prompt_tokens"] == len(char_tokenizer.encode(body["prompt"]))
 
     pieces, finish = [], None
@@ -166,10 +115,10 @@ def test_32_concurrent_requests_are_batched_and_correct(server, char_tokenizer, 
     replies, metrics = asyncio.run(run())
     assert all(r.status_code == 200 for r in replies)
     for reply, prompt, n in zip(replies, prompts, lengths):
-        assert reply.json()["choices"][0]["text"] == _expected(ckpt, char_tokenizer, prompt, n)
-    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("tessera_batch"))
-    shared = int(values["tessera_batched_requests_total"]) + int(metrics.split("tessera_joined_requests_total ")[1].split()[0])
-    assert shared > int(values["tessera_batches_total"])  # requests shared batches
+        assert reply.json()["choices"][0]["text"] == expected_text(ckpt, char_tokenizer, prompt, n)
+    values = {s.name: s.value for family in text_string_to_metric_families(metrics) for s in family.samples}
+    shared = values["tessera_batched_requests_total"] + values["tessera_joined_requests_total"]
+    assert shared > values["tessera_batches_total"]  # requests shared batches
 
 
 def test_int8_checkpoint_is_served_in_process(tmp_path, server):

@@ -14,7 +14,11 @@ the tokenizer, and hold DCP shards (`.metadata`, `*.distcp`) instead of `model.s
 
 A directory named step_N is complete by construction: files are written into a hidden
 temporary directory, flushed, and the directory is renamed, so a crash mid-write leaves at
-most a stray temporary directory and never a damaged checkpoint in place of a good one.
+most a stray temporary directory and never a damaged checkpoint in place of a good one. A save
+that fails (a full disk: one line, exit 2) removes its temporary directory; pruning renames an
+old step out of sight before deleting it, so a kill mid-delete never leaves half a step_N.
+An int8 checkpoint (`tessera quantize --int8`, marked by quantization.json) holds no
+full-precision weights: `load_weights` refuses it in one line rather than fail on missing keys.
 """
 from __future__ import annotations
 
@@ -32,8 +36,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from tessera.core.config import ModelConfig, build_section, to_dict
 from tessera.core.model import Transformer
+from tessera.core.storage import save_torch, share, written_aside
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+PRUNED = ".pruned"  # suffix of a step directory renamed out of sight for deletion
+QUANTIZATION_MANIFEST = "quantization.json"  # marks an int8 checkpoint (tessera.interop.quantize)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -44,8 +51,9 @@ def _fsync_tree(path: Path) -> None:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Rename the finished `tmp` directory into place; an existing `final` is moved aside first
-    and deleted only once the new one stands, so a crash never leaves neither."""
+    """Rename the finished `tmp` directory into place, readable as the umask allows; an existing
+    `final` is moved aside first and deleted only once the new one stands."""
+    share(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -68,7 +76,7 @@ def write_run_files(directory: Path, model_cfg: ModelConfig, run_config: str, at
 def save_companion(directory: Path, engine) -> None:
     directory.mkdir()
     save_model(engine.model, str(directory / "model.safetensors"))
-    torch.save(engine.optimizer.state_dict(), directory / "optimizer.pt")
+    save_torch(engine.optimizer.state_dict(), directory / "optimizer.pt")
 
 
 def companion_dir(path: Path, name: str) -> Path:
@@ -102,14 +110,15 @@ class Checkpointer:
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".step_{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(engine.model, str(tmp / "model.safetensors"))
-        torch.save({**state, "optimizer": engine.optimizer.state_dict()}, tmp / "trainer_state.pt")
-        write_run_files(tmp, engine.model.cfg, run_config, self.attachments)
-        for name, companion in (companions or {}).items():
-            save_companion(tmp / name, companion)
-        _fsync_tree(tmp)
-        publish(tmp, final)
+        with written_aside(tmp, final):
+            tmp.mkdir(parents=True)
+            save_model(engine.model, str(tmp / "model.safetensors"))
+            save_torch({**state, "optimizer": engine.optimizer.state_dict()}, tmp / "trainer_state.pt")
+            write_run_files(tmp, engine.model.cfg, run_config, self.attachments)
+            for name, companion in (companions or {}).items():
+                save_companion(tmp / name, companion)
+            _fsync_tree(tmp)
+            publish(tmp, final)
         self.prune()
         return final
 
@@ -138,8 +147,12 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def prune(self) -> None:
+        """Delete all but the newest `keep_last` steps, each renamed out of sight first (and the
+        leftovers of a prune that was killed)."""
         for old in self.steps()[: -self.keep_last]:
-            shutil.rmtree(old)
+            os.replace(old, old.with_name(f".{old.name}{PRUNED}"))
+        for doomed in self.directory.glob(f".step_*{PRUNED}"):
+            shutil.rmtree(doomed)
 
 
 def checkpoint_step(ckpt: str | Path) -> int:
@@ -168,9 +181,22 @@ def read_model_config(ckpt: str | Path) -> ModelConfig:
     return build_section(ModelConfig, json.loads(path.read_text()), "model")
 
 
+def refuse_int8(ckpt: str | Path, what: str = "this command") -> None:
+    """One line (exit 2) for a command that needs full-precision weights and was given an int8 checkpoint."""
+    manifest = Path(ckpt) / QUANTIZATION_MANIFEST
+    if manifest.exists():
+        try:
+            source = json.loads(manifest.read_text()).get("source")
+        except (ValueError, AttributeError):
+            source = None
+        raise ValueError(f"{ckpt} is an int8 checkpoint (tessera quantize --int8), which {what} cannot use: "
+                         f"give it the full-precision checkpoint{f' it was made from ({source})' if source else ''}")
+
+
 def load_weights(model: Transformer, ckpt: str | Path) -> None:
     """Weights from `model.safetensors`, or gathered from DCP shards into this one process."""
     path = Path(ckpt)
+    refuse_int8(path)
     if (path / "model.safetensors").exists():
         load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     elif (path / ".metadata").exists():

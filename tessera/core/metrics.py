@@ -1,4 +1,9 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
+"""Run metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard.
+
+The history is only ever appended to; a resumed run that must drop records past its checkpoint
+writes the kept ones aside and renames them over the file, so a kill -9 or a full disk at any
+moment leaves the old history or the new one, never an empty file.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +12,8 @@ import resource
 from pathlib import Path
 
 import torch
+
+from tessera.core.storage import StorageError, no_space, write_text_atomic
 
 # Dense bf16 peak FLOP/s of accelerators we know, for MFU when log.peak_tflops is not set.
 KNOWN_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -58,12 +65,12 @@ class MetricsLogger:
         """A fresh run starts a new metrics.jsonl; a resumed one keeps the records up to `resume_step`."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
-        self._file = open(self.path, "w")
-        for record in kept:
-            self._file.write(json.dumps(record) + "\n")
+        if self.path.exists():  # a fresh run starts a new history; a resumed one keeps what its checkpoint saw
+            records = read_metrics(run_dir) if resume_step is not None else []
+            kept = [r for r in records if r["step"] <= resume_step]
+            if resume_step is None or len(kept) < len(records) or _torn(self.path):
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -72,8 +79,13 @@ class MetricsLogger:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            if no_space(e):
+                raise StorageError(f"cannot append to {self.path}: no space left on device") from None
+            raise
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -103,8 +115,25 @@ def _plain(v):
     return v
 
 
+def _torn(path: Path) -> bool:
+    """Whether the file's last line was cut short (a kill mid-write): it does not end in a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut short by a kill mid-write is left out."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines]

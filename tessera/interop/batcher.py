@@ -8,6 +8,10 @@ so it never waits for the batch to finish. Finished rows leave at once; columns 
 more are dropped from the front when room is needed. Every request fits the context alone, so
 twice the context is enough columns for any batch that starts together. Each row keeps its own positions,
 sampling, token budget and stop tokens, so a request decodes as it would alone.
+
+A request's own failure (a seed the generator refuses, sampling that fails, a caller whose
+callback raises) ends that request alone; only a failure of the model step fails the batch.
+`stop` answers every request still queued or running, so no caller waits forever.
 """
 from __future__ import annotations
 
@@ -74,8 +78,18 @@ class Batcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop decoding and fail every request not yet finished, so that no caller waits on it."""
         self._stop.set()
         self._thread.join(timeout=5)
+        pending = self.jobs + self._incoming + ([self._held] if self._held else [])
+        while True:
+            try:
+                pending.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in pending:
+            _send(job, "error", "server shutting down")
+        self.jobs, self._incoming, self._held = [], [], None
 
     def submit(self, job: Job) -> None:
         try:
@@ -93,9 +107,14 @@ class Batcher:
                 job = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
             except queue.Empty:
                 return None
-            if not job.cancelled:
+            if job.cancelled:
+                continue
+            try:
                 job.generator = torch.Generator(self.device).manual_seed(job.seed) if job.seed is not None else None
-                return job
+            except (ValueError, RuntimeError, TypeError) as e:
+                _send(job, "error", f"seed {job.seed}: {e}")
+                continue
+            return job
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -106,9 +125,9 @@ class Batcher:
                     self._step()
                 else:
                     self._start_batch()
-            except Exception as e:  # a failed batch fails its requests, never the server
+            except Exception as e:  # a failed model step fails its batch, never the server
                 for job in self.jobs + self._incoming:
-                    job.emit("error", f"{type(e).__name__}: {e}")
+                    _send(job, "error", f"{type(e).__name__}: {e}")
                 self.jobs, self._incoming, self.cache = [], [], None
 
     def _start_batch(self) -> None:
@@ -211,7 +230,10 @@ class Batcher:
         nxt = logits.argmax(dim=-1)
         for i, job in enumerate(rows):
             if job.sampling.temperature > 0:
-                nxt[i] = sample_next(logits[i : i + 1], job.sampling, job.generator)[0]
+                try:
+                    nxt[i] = sample_next(logits[i : i + 1], job.sampling, job.generator)[0]
+                except (ValueError, RuntimeError) as e:  # this row's sampling alone failed: end it alone
+                    _send(job, "error", f"sampling failed: {e}")
         self.last = nxt if first_row == 0 else torch.cat([self.last, nxt])
         keep = [True] * first_row
         for job, token in zip(rows, nxt.tolist()):
@@ -231,10 +253,21 @@ class Batcher:
             return False
         job.generated += 1
         if token in job.stop_ids:
-            job.emit("done", "stop")
+            _send(job, "done", "stop")
             return False
-        job.emit("token", token)
+        _send(job, "token", token)
         if job.remaining <= 0:
-            job.emit("done", "length")
+            _send(job, "done", "length")
             return False
-        return True
+        return not job.cancelled
+
+
+def _send(job: Job, kind: str, value: object) -> None:
+    """`job.emit(kind, value)`; a callback that raises (its client gone) cancels that job, nothing else.
+    After an error the job is cancelled, so it leaves the batch at its next token."""
+    try:
+        job.emit(kind, value)
+    except Exception:  # the caller's callback: whatever it raises must not reach the batch
+        job.cancelled = True
+    if kind == "error":
+        job.cancelled = True

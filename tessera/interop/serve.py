@@ -1,10 +1,12 @@
 """`tessera serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over a Tessera checkpoint.
 
 `/v1/completions` and `/v1/chat/completions` (JSON or server-sent events with `"stream": true`),
-`/health`, and `/metrics` (Prometheus text: requests, tokens, latency quantiles, batching).
-Handlers only parse, tokenize and format; decoding happens in the `Batcher` thread, which
-batches concurrent requests. Binds 127.0.0.1 unless told otherwise; with an API key every
-route but /health wants `Authorization: Bearer <key>`.
+`/v1/models`, `/health`, and `/metrics` (prometheus_client: requests, tokens, latency quantiles,
+batching). Handlers only parse, tokenize and format; decoding happens in the `Batcher` thread,
+which batches concurrent requests. Binds 127.0.0.1 unless told otherwise; with an API key every
+route but /health wants `Authorization: Bearer <key>` (the scheme in any case, as RFC 7235 says).
+Every error, a route that does not exist or a bug included, is a JSON body in OpenAI's shape;
+shutdown waits a bounded time for requests in flight, then answers the rest with an error.
 """
 from __future__ import annotations
 
@@ -13,13 +15,16 @@ import hmac
 import json
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.exceptions import HTTPException
 
 from tessera.core.generate import Sampling
 from tessera.core.text_stream import TextStream
@@ -31,39 +36,53 @@ from tessera.interop.serve_schema import (
 
 
 class Metrics:
-    def __init__(self):
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.prompt_tokens = self.completion_tokens = 0
+    """The server's Prometheus metrics in a registry of its own (one per app): counters kept by
+    prometheus_client, and a collector for what is read at scrape time (latency quantiles over the
+    last 10,000 requests, the queue, the batcher's counts)."""
+
+    STATS = {"batches": "batches started", "batched_requests": "requests that started a batch",
+             "joined_requests": "requests that joined a running batch", "decode_steps": "decode steps of the batch"}
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("tessera_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("tessera_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
+        self.completion_tokens = Counter("tessera_completion_tokens", "Tokens generated", registry=self.registry)
         self.latencies: deque[float] = deque(maxlen=10_000)
-        self.latency_sum = 0.0
+        self.latency_sum, self.latency_count = 0.0, 0
+        self.registry.register(self)
 
     def observe(self, endpoint: str, status: int, seconds: float | None = None) -> None:
-        self.requests[endpoint, status] += 1
+        self.requests.labels(endpoint, str(status)).inc()
         if seconds is not None:
             self.latencies.append(seconds)
             self.latency_sum += seconds
+            self.latency_count += 1
 
-    def render(self, batcher: Batcher) -> str:
-        lines = ["# TYPE tessera_requests_total counter"]
-        lines += [f'tessera_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
-        lines += [f"tessera_prompt_tokens_total {self.prompt_tokens}", f"tessera_completion_tokens_total {self.completion_tokens}",
-                  "# TYPE tessera_request_latency_seconds summary"]
+    def collect(self):
+        latency = Metric("tessera_request_latency_seconds", "Latency of successful requests", "summary")
         ordered = sorted(self.latencies)
         for q in (0.5, 0.9, 0.99):
             value = ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-            lines.append(f'tessera_request_latency_seconds{{quantile="{q}"}} {value:.6f}')
-        lines += [f"tessera_request_latency_seconds_sum {self.latency_sum:.6f}",
-                  f"tessera_request_latency_seconds_count {len(self.latencies)}",
-                  f"tessera_queue_depth {batcher.queue.qsize()}"]
-        lines += [f"tessera_{k}_total {v}" for k, v in batcher.stats.items()]
-        return "\n".join(lines) + "\n"
+            latency.add_sample(latency.name, {"quantile": str(q)}, value)
+        latency.add_sample(f"{latency.name}_sum", {}, self.latency_sum)
+        latency.add_sample(f"{latency.name}_count", {}, self.latency_count)
+        yield latency
+        yield GaugeMetricFamily("tessera_queue_depth", "Requests waiting for the batcher", value=self.batcher.queue.qsize())
+        for key, value in self.batcher.stats.items():
+            yield CounterMetricFamily(f"tessera_{key}", self.STATS.get(key, key), value=value)
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits = ServeLimits(),
                api_key: str | None = None, model_name: str = "tessera") -> FastAPI:
     """The FastAPI app; the batcher thread starts and stops with the app's lifespan."""
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.batch_wait_s)
-    metrics = Metrics()
+    metrics = Metrics(batcher)
     context = model.cfg.max_seq_len
 
     async def lifespan(_app):
@@ -77,12 +96,22 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
     async def api_error(_request: Request, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, e: HTTPException):  # unknown route, wrong method
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, e: Exception):
+        error = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     def authorize(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)", kind="authentication_error")
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           kind="invalid_request_error", code="invalid_api_key")
 
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length", "")
@@ -103,7 +132,7 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
                 kind, value = await queue.get()
                 if kind == "token":
                     delta, stopped = stream.push(value)
-                    metrics.completion_tokens += 1
+                    metrics.completion_tokens.inc()
                     if stopped:
                         job.cancelled = True
                         yield delta, "stop"
@@ -122,6 +151,9 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
         """Check, tokenize and queue a request; its deltas arrive through the returned iterator."""
         authorize(request)
         req = parse_request(await read_body(request), cls, limits)
+        if req.model not in (None, model_name):
+            raise ApiError(404, f"The model '{req.model}' does not exist (this server serves '{model_name}')",
+                           "model", code="model_not_found")
         prompt = tokenizer.encode(req.prompt_text())
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
@@ -135,7 +167,7 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
             batcher.submit(job)
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}", kind="server_error") from None
-        metrics.prompt_tokens += len(prompt)
+        metrics.prompt_tokens.inc(len(prompt))
         stream = TextStream(tokenizer, req.stop_strings())
         return req, len(prompt), stream, events(job, queue, stream)
 
@@ -202,7 +234,7 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
     @app.get("/metrics")
     async def metrics_route(request: Request):
         authorize(request)
-        return PlainTextResponse(metrics.render(batcher))
+        return metrics.render()
 
     return app
 
@@ -224,11 +256,12 @@ def load_for_serving(ckpt: str | Path, device: str = "auto") -> tuple[torch.nn.M
 
 
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits = ServeLimits(), device: str = "auto") -> None:
-    """Load the checkpoint and serve it until interrupted."""
+          limits: ServeLimits = ServeLimits(), device: str = "auto", grace_s: float = 10.0) -> None:
+    """Load the checkpoint and serve it until interrupted (SIGINT/SIGTERM): requests in flight get
+    `grace_s` seconds to finish, then the rest are answered with an error and the server exits."""
     import uvicorn
 
     model, tokenizer, name = load_for_serving(ckpt, device)
     app = create_app(model, tokenizer, limits, api_key, name)
     print(f"serving {name} on http://{host}:{port} (API key {'required' if api_key else 'off'})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)

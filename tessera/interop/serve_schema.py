@@ -2,15 +2,19 @@
 
 Validation is explicit so that every bad request gets a 4xx with the OpenAI error shape
 (`{"error": {"message", "type", "param", "code"}}`) naming the field, rather than FastAPI's
-own 422 format or a crash.
+own 422 format or a crash. Fields are strict, as OpenAI's are ("stream": "yes" is refused,
+not read as true); text must be valid Unicode (no lone surrogates, which no tokenizer takes);
+a seed must fit the generator's 64 bits; JSON nested too deeply for the parser is a 400.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -34,16 +38,29 @@ class ServeLimits:
 class ApiError(Exception):
     """A request the server refuses: HTTP status and an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        """OpenAI's shape: `code` is a machine-readable string ("model_not_found") or null."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode (lone surrogate at character {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Sampled(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -51,8 +68,8 @@ class _Sampled(BaseModel):
     top_k: int = Field(default=0, ge=0)
     n: Literal[1] = 1
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -60,7 +77,7 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -71,9 +88,9 @@ class CompletionRequest(_Sampled):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Sampled):
@@ -93,6 +110,8 @@ def parse_request(raw: bytes, cls: type[_Sampled], limits: ServeLimits) -> _Samp
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:
