@@ -172,7 +172,7 @@ def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(uninterru
 
 def test_submitit_job_runs_two_tasks_and_completes(slurm_cluster, data, tmp_path):
     pytest.importorskip("submitit")
-    job_id = launch(tmp_path, data, "submitit", "--job.backend=submitit", "--job.cpus_per_node=1",
+    job_id = launch(tmp_path, data, "submitit", "--job.backend=submitit", "--job.cpus_per_node=2",
                     "--train.steps=20", "--checkpoint.every=10", "--eval.every=10")
     assert wait_for(job_id, tmp_path) == "COMPLETED", job_log(job_id, tmp_path)
     checkpoints = sorted(p.name for p in (tmp_path / "submitit" / "checkpoints").iterdir())
