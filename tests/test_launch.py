@@ -101,7 +101,7 @@ def test_dry_run_of_one_process_is_python_without_torchrun():
 
 def test_dry_run_of_one_node_uses_torchrun_standalone_and_restart_env():
     cfg = tiny("--job.nproc_per_node=2", "--job.max_restarts=3")
-    assert plan(cfg) == ("PYTHONWARNINGS=ignore::FutureWarning TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[${rank}]:' "
+    assert plan(cfg) == ("PYTHONWARNINGS=ignore::FutureWarning TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[${rank}]:' PYTHONUNBUFFERED=1 "
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node 2 "
                          "--tee 3 --log-dir runs/jobs/tiny-local-ranks --max-restarts 3 "
                          f"-m tessera train configs/shakespeare_char.toml {TINY_ARGS} --checkpoint.resume=auto")
@@ -113,7 +113,7 @@ def test_dry_run_of_torchrun_nodes_gives_one_command_per_node():
     common = "--nnodes 2 --nproc_per_node 4 --rdzv-id tiny --rdzv-backend c10d --rdzv-endpoint 10.9.0.1:29400"
     logs = "--tee 3 --log-dir runs/jobs/tiny-tiny-ranks --local-ranks-filter 0"
     train = f"-m tessera train configs/shakespeare_char.toml {TINY_ARGS}"
-    env = ("PYTHONWARNINGS=ignore::FutureWarning TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[${rank}]:' "
+    env = ("PYTHONWARNINGS=ignore::FutureWarning TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[${rank}]:' PYTHONUNBUFFERED=1 "
            "NCCL_SOCKET_IFNAME=veth0 GLOO_SOCKET_IFNAME=veth0")
     assert plan(cfg) == (f"# node 0 (10.9.0.1)\n{env} torchrun {common} --local-addr 10.9.0.1 "
                          f"--rdzv-conf is_host=true {logs} {train}\n"

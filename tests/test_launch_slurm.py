@@ -172,7 +172,7 @@ def test_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(uninterru
 
 def test_submitit_job_runs_two_tasks_and_completes(slurm_cluster, data, tmp_path):
     pytest.importorskip("submitit")
-    job_id = launch(tmp_path, data, "submitit", "--job.backend=submitit", "--job.cpus_per_node=1",
+    job_id = launch(tmp_path, data, "submitit", "--job.backend=submitit", "--job.cpus_per_node=2",
                     "--train.steps=20", "--checkpoint.every=10", "--eval.every=10")
     assert wait_for(job_id, tmp_path) == "COMPLETED", job_log(job_id, tmp_path)
     checkpoints = sorted(p.name for p in (tmp_path / "submitit" / "checkpoints").iterdir())
@@ -187,3 +187,23 @@ def test_jobs_cancel_stops_a_queued_job(slurm_cluster, data, tmp_path):
     out = tessera("jobs", "cancel", "cancelled", "--dir", str(tmp_path / "jobs"), cwd=tmp_path).stdout
     assert out == f"cancelled {job_id} (cancelled)\n"
     assert wait_for(job_id, tmp_path, done=("CANCELLED",), timeout=30) == "CANCELLED"
+
+
+def test_two_one_node_jobs_on_one_node_both_finish(slurm_cluster, data, tmp_path):
+    """Each job's torchrun has a rendezvous of its own: the first job ending does not end the second
+    (with one port for every job, the second joined the first's store and died when it finished)."""
+    first = launch(tmp_path, data, "first", "--job.backend=slurm", "--job.cpus_per_node=1", "--train.steps=300",
+                   "--checkpoint.every=0", "--eval.every=0", "--log.every=1")
+    metrics = tmp_path / "first" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):  # the first job hosts its store
+        assert time.time() < deadline and state(first, tmp_path) in ("PENDING", "RUNNING"), job_log(first, tmp_path)
+        time.sleep(0.2)
+    second = launch(tmp_path, data, "second", "--job.backend=slurm", "--job.cpus_per_node=1", "--train.steps=400",
+                    "--checkpoint.every=0", "--eval.every=0")
+    while state(second, tmp_path) != "RUNNING":  # the second starts while the first trains
+        assert time.time() < deadline + 60 and state(first, tmp_path) == "RUNNING", job_log(first, tmp_path)
+        time.sleep(0.2)
+    assert wait_for(first, tmp_path) == "COMPLETED", job_log(first, tmp_path)
+    assert wait_for(second, tmp_path, timeout=240) == "COMPLETED", job_log(second, tmp_path)
+    assert "trained steps 0..400" in job_log(second, tmp_path), job_log(second, tmp_path)

@@ -31,18 +31,21 @@ def layout(cfg: Config, world: int) -> Layout:
                   engine=p.engine, zero_stage=p.zero_stage)
 
 
-def check_data(command: str, cfg: Config) -> None:
-    """The data and tokenizer check the training run makes first; ConfigError naming the problem."""
+def check_data(command: str, cfg: Config) -> Config:
+    """The data and tokenizer check the training run makes first (ConfigError naming the problem);
+    returns the config with model.vocab_size from the data where it is left at 0, as the run does."""
     if command == "train":
+        from tessera.core.build import with_vocab
         from tessera.core.data import DataError
         from tessera.core.task import LanguageModelingTask
 
         try:
-            LanguageModelingTask(cfg)
+            return with_vocab(cfg, LanguageModelingTask(cfg).vocab_size)
         except (DataError, FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
-    elif not cfg.data.path or not Path(cfg.data.path).exists():
+    if not cfg.data.path or not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path={cfg.data.path!r} does not exist: `tessera {command}` reads its JSONL from it")
+    return cfg
 
 
 def preflight(command: str, config: str, overrides: list[str], world: int, gpus_per_node: int, gpu: str,
@@ -50,9 +53,12 @@ def preflight(command: str, config: str, overrides: list[str], world: int, gpus_
     """Check a recipe for a job of `world` processes; returns the planner's figures for the launcher."""
     cfg = load_config(config, overrides)
     if data:
-        check_data(command, cfg)
+        cfg = check_data(command, cfg)
+    out = {"ckpt_bytes": 0, "step_s": 0.0, "peak_gib": 0.0, "mem_gib": 0.0}
+    if cfg.model.vocab_size == 0:  # taken from the data, which a dry run does not read
+        return out
     lay = layout(cfg, world)
-    out = {"ckpt_bytes": checkpoint_bytes(cfg.model, lay), "step_s": 0.0, "peak_gib": 0.0, "mem_gib": 0.0}
+    out["ckpt_bytes"] = checkpoint_bytes(cfg.model, lay)
     if gpu:
         try:
             hw = hardware(gpu, gpus_per_node=gpus_per_node)

@@ -71,7 +71,7 @@ def parameters(cfg: LaunchConfig) -> dict:
     job = cfg.job
     if not job.time:
         raise ConfigError("job.time is required with job.backend='submitit' (submitit's default is 5 minutes)")
-    env = [(k, v) for k, v in torchrun.environment(cfg) if k != torchrun.PREFIX_ENV[0]]
+    env = [(k, v) for k, v in torchrun.environment(cfg) if k not in (torchrun.PREFIX_ENV[0], "PYTHONUNBUFFERED")]
     setup = ["set +u", *job.setup, "set -u"] if job.setup else []
     params = {"name": job.name, "nodes": job.nodes, "tasks_per_node": job.procs_per_node,
               "timeout_min": minutes(job.time), "slurm_setup": [f"export {k}={torchrun.shell_line([v])}" for k, v in env]

@@ -100,8 +100,8 @@ def environment(cfg: LaunchConfig, preemptible: bool = False, lead_s: int = 0) -
     if not (uses_torchrun(cfg) or job.backend in ("slurm", "submitit")):
         return list(job.env)  # one process on this machine: nothing to prefix, restart or reach
     env = [WARNINGS_ENV]
-    if uses_torchrun(cfg):
-        env.append(PREFIX_ENV)
+    if uses_torchrun(cfg):  # workers write to tee'd files: unbuffered, so the console follows them line by line
+        env += [PREFIX_ENV, ("PYTHONUNBUFFERED", "1")]
     if job.gpus_per_node:
         env += [*NCCL_ENV, ("TORCH_FR_DUMP_TEMP_FILE", str(Path(job.output_dir) / f"{job.name}-nccl-trace-rank-"))]
     if job.socket_ifname:
