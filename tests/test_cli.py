@@ -119,9 +119,66 @@ def test_plan_command(capsys):
 
     assert main(["plan", "--model", "llama-70b", "--gpus", "256", "--gpu-mem", "80", "--seq", "8192",
                  "--dp-shard", "32", "--tp", "8", "--ac", "full"]) == 0
-    row = capsys.readouterr().out.splitlines()[-1]
+    out = capsys.readouterr().out.splitlines()
+    row = out[-1]
     assert row.startswith("fsdp r1 s32 tp8 ac=full bf16") and " yes " in row
+    assert out[0].startswith("assuming 989 TFLOP/s bf16 at 40% MFU, 400 GB/s within a node")
+    assert main(["plan", "--model", "llama-8b", "--gpus", "8", "--seq", "8192", "--gpu", "a100", "--mfu", "0.5",
+                 "--inter-bw", "25"]) == 0
+    assert capsys.readouterr().out.startswith("assuming 312 TFLOP/s bf16 at 50% MFU, 250 GB/s within a node of 8 "
+                                              "and 25 GB/s between nodes, 80 GiB per GPU")
+    assert main(["plan", "--model", "llama-8b", "--gpus", "8", "--seq", "8192", "--mfu", "1.5"]) == 2
     assert main(["plan", "--model", "llama-70b", "--gpus", "8", "--gpu-mem", "80", "--seq", "8192"]) == 2
     assert "no layout of llama-70b fits 8 GPUs" in capsys.readouterr().err
     assert main(["plan", "--model", "gpt2-124m", "--gpus", "8", "--gpu-mem", "80", "--seq", "1024", "--tp", "5"]) == 2
     assert capsys.readouterr().err.startswith("tessera: error:")
+
+
+def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_overwritten(trained, tmp_path):
+    """Training again into a run_dir with checkpoints would leave the old step_N beside the new ones
+    (and `generate`/`--resume auto` would pick the stale one)."""
+    workdir, config = trained
+    run_dir = f"--train.run_dir={json.dumps(str(tmp_path / 'run'))}"
+    run("train", config, run_dir, "--train.steps=10")
+    refused = run("train", config, run_dir, "--train.steps=5", ok=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "already holds a run (newest checkpoint step_000010)" in refused.stderr and "--overwrite" in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000010"]
+    out = run("train", config, run_dir, "--train.steps=5", "--overwrite")
+    assert "removed the earlier run's checkpoints" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000005"]
+    assert max(r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())) == 5
+
+
+def test_resume_says_where_it_resumed_what_changed_and_when_nothing_is_left(trained, tmp_path):
+    workdir, config = trained
+    run_dir = f"--train.run_dir={json.dumps(str(tmp_path / 'run'))}"
+    run("train", config, run_dir, "--train.steps=10")
+    out = run("train", config, run_dir, "--train.steps=15", "--resume", "auto")
+    assert "resumed from step 10" in out.stdout and "train.steps 10 -> 15" in out.stdout
+    done = run("train", config, run_dir, "--train.steps=15", "--resume", "auto")
+    assert "the run is already finished: step 15 of train.steps=15" in done.stdout
+    past = run("train", config, run_dir, "--train.steps=5", "--resume", "auto", ok=False)
+    assert past.returncode == 2 and "is at step 15, past train.steps=5" in past.stderr
+
+
+def test_a_preset_on_the_command_line_replaces_the_files_model_and_a_larger_vocab_is_stated(trained, tmp_path):
+    from tessera.core.config import load_config
+
+    workdir, config = trained
+    cfg = load_config(config, ["--model.preset='gpt2-124m'", "--model.n_layers=2"])
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.max_seq_len, cfg.model.vocab_size) == (768, 2, 1024, 50257)
+    out = run("train", config, f"--train.run_dir={json.dumps(str(tmp_path / 'v'))}", "--train.steps=1",
+              "--model.vocab_size=200", "--eval.every=0")
+    assert "model.vocab_size=200 is larger than the tokenizer's" in out.stdout
+
+
+def test_help_lists_every_command_in_one_line_and_train_lists_the_config_keys():
+    out = run("--help").stdout
+    commands = ["tokenizer", "data", "train", "sft", "rm", "dpo", "ppo", "grpo", "generate", "eval", "plot",
+                "critique", "cot", "plan", "launch", "jobs", "convert", "export", "quantize", "serve"]
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()]
+    assert listed == commands, out
+    assert run("--version").stdout.startswith("tessera ")
+    train_help = run("train", "--help").stdout
+    assert "[optim] lr, min_lr" in train_help and "[rl] reward_model" in train_help and "--overwrite" in train_help

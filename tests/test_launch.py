@@ -412,3 +412,21 @@ def test_torchrun_restart_after_a_killed_worker_resumes_to_the_same_loss(tmp_pat
     assert killed.returncode == 0, output
     assert re.search(r"trained steps (50|100|150)\.\.200", output), output
     assert final_loss("killed") == final_loss("plain")
+
+
+def test_jobs_list_and_logs_follow_until_the_job_ends(tmp_path, capsys):
+    import threading
+
+    from tessera.cli.main import main
+
+    out_dir, log = tmp_path / "jobs", tmp_path / "jobs" / "follow.log"
+    out_dir.mkdir()
+    proc = subprocess.Popen(["bash", "-c", f"for i in 1 2 3 4; do echo line $i >> {log}; sleep 0.3; done"])
+    threading.Thread(target=proc.wait, daemon=True).start()  # reaped as it ends, as a launcher does
+    jobs.record(jobs.JobEntry(id=str(proc.pid), name="follow", backend="local", output_dir=str(out_dir),
+                              logs=[str(log)], pid=proc.pid))
+    assert main(["jobs", "list", "--dir", str(out_dir)]) == 0
+    assert capsys.readouterr().out.split("\t")[:3] == [str(proc.pid), "follow", "local"]
+    assert main(["jobs", "logs", "follow", "--follow", "--dir", str(out_dir)]) == 0
+    assert capsys.readouterr().out == "".join(f"line {i}\n" for i in range(1, 5))
+    assert main(["jobs", "status", "--dir", str(out_dir)]) == 2

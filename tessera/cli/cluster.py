@@ -10,19 +10,22 @@ from tessera.cli.errors import UsageError
 
 def cmd_plan(args) -> None:
     from tessera.core.config import load_config
-    from tessera.distributed.planner import Layout, format_table, plan, rank_layouts
+    from tessera.distributed.planner import Layout, format_table, hardware, plan, rank_layouts
 
     model = load_config(None, [f"--model.preset={json.dumps(args.model)}"]).model
-    shape = (model, args.gpus, args.gpu_mem, args.seq, args.micro_batch)
+    hw = hardware(args.gpu, args.mfu, args.intra_bw, args.inter_bw)
+    memory = args.gpu_mem or hw.mem_gb
+    shape = (model, args.gpus, memory, args.seq, args.micro_batch)
+    print(hw.describe())
     if args.dp_shard or args.dp_replicate > 1 or args.tp > 1:
         dp_shard = args.dp_shard or args.gpus // (args.dp_replicate * args.tp)
         layout = Layout(args.dp_replicate, dp_shard, args.tp, args.ac, args.ac_every, args.precision,
                         args.engine, args.zero_stage)
-        print(format_table([plan(*shape, layout)]))
+        print(format_table([plan(*shape, layout, hw)]))
     else:
-        fitting = rank_layouts(*shape, precision=args.precision, engine=args.engine, zero_stage=args.zero_stage)
+        fitting = rank_layouts(*shape, hw=hw, precision=args.precision, engine=args.engine, zero_stage=args.zero_stage)
         if not fitting:
-            raise UsageError(f"no layout of {args.model} fits {args.gpus} GPUs of {args.gpu_mem} GiB at seq {args.seq}")
+            raise UsageError(f"no layout of {args.model} fits {args.gpus} GPUs of {memory:g} GiB at seq {args.seq}")
         print(format_table(fitting))
 
 
@@ -37,8 +40,18 @@ def cmd_launch(args, overrides: list[str]) -> None:
 def cmd_jobs(args) -> None:
     from tessera.launchers import jobs
 
+    if args.action == "list":
+        for e in jobs.entries(args.dir):
+            print(f"{e.id}\t{e.name}\t{e.backend}\t{e.submitted}\t{jobs.status(e)}")
+        return
+    if not args.job:
+        raise UsageError(f"tessera jobs {args.action} needs a JOB (an id or a name; `tessera jobs list` shows them)")
     entry = jobs.find(args.job, args.dir)
-    if args.action == "status":
+    if args.action == "logs" and args.follow:
+        for text in jobs.follow(entry):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    elif args.action == "status":
         print(f"{entry.id} {entry.name} {entry.backend}: {jobs.status(entry)}")
     elif args.action == "logs":
         sys.stdout.write(jobs.logs(entry))
@@ -51,7 +64,11 @@ def add_parsers(sub) -> None:
     pn = sub.add_parser("plan", help="per-GPU memory and step time of parallel layouts (fitting ones, fastest first)")
     pn.add_argument("--model", required=True, help="a preset of configs/models/")
     pn.add_argument("--gpus", type=int, required=True)
-    pn.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU")
+    pn.add_argument("--gpu", choices=["h100", "h200", "a100"], default="h100", help="peak TFLOP/s, memory, bandwidths")
+    pn.add_argument("--gpu-mem", type=float, default=0.0, help="GiB per GPU (default: the GPU's)")
+    pn.add_argument("--mfu", type=float, default=0.0, help="model FLOPs utilisation (default: 0.40)")
+    pn.add_argument("--intra-bw", type=float, default=0.0, help="GB/s per GPU within a node (default: the GPU's)")
+    pn.add_argument("--inter-bw", type=float, default=0.0, help="GB/s per GPU between nodes (default: the GPU's)")
     pn.add_argument("--seq", type=int, required=True)
     pn.add_argument("--micro-batch", type=int, default=1)
     pn.add_argument("--dp-shard", type=int, default=0, help="with --dp-replicate/--tp: plan this one layout")
@@ -69,8 +86,9 @@ def add_parsers(sub) -> None:
     la.add_argument("--dry-run", action="store_true", help="print what would be run or submitted")
     la.set_defaults(func=cmd_launch, takes_overrides=True)
 
-    jo = sub.add_parser("jobs", help="status, logs or cancel of a launched job")
-    jo.add_argument("action", choices=["status", "logs", "cancel"])
-    jo.add_argument("job", help="a job id or a job name (its newest launch)")
+    jo = sub.add_parser("jobs", help="list launched jobs; status, logs or cancel of one")
+    jo.add_argument("action", choices=["list", "status", "logs", "cancel"])
+    jo.add_argument("job", nargs="?", help="a job id or a job name (its newest launch)")
+    jo.add_argument("--follow", action="store_true", help="logs: print the console log as it grows until the job ends")
     jo.add_argument("--dir", default="runs/jobs", help="the launch's job.output_dir (default runs/jobs)")
     jo.set_defaults(func=cmd_jobs)

@@ -18,9 +18,10 @@ COMMAND_GROUPS = (data, train, evaluate, prompting, cluster, interop)  # the ord
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tessera", description="Train your own language models.")
+    p = argparse.ArgumentParser(prog="tessera", description="Train your own language models.",
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100))
     p.add_argument("--version", action="version", version=f"tessera {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="<subcommand>")  # wide enough for one line each
     for group in COMMAND_GROUPS:
         group.add_parsers(sub)
     return p
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except Exception as e:
         if isinstance(e, TrainingInterrupted):
-            print(f"tessera: training interrupted: {e}", file=sys.stderr)
+            if str(e):  # the first rank's word; the others exit quietly
+                print(f"tessera: training interrupted: {e}", file=sys.stderr)
             return EXIT_INTERRUPTED
         status = exit_status(e)
         if debug or status is None:

@@ -3,6 +3,7 @@ launcher's environment implies, the task the command names, and the one trainer.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from functools import partial
 
@@ -26,6 +27,8 @@ def cmd_train(args, overrides: list[str]) -> None:
 
     if args.resume:
         overrides = [*overrides, f'--checkpoint.resume="{args.resume}"']
+    if args.overwrite:
+        overrides = [*overrides, "--checkpoint.overwrite=true"]
     cfg, init_weights = _init_from(load_config(args.config, overrides))
     try:
         placement = placement_for(cfg)
@@ -50,8 +53,11 @@ def cmd_train(args, overrides: list[str]) -> None:
         print(f"{done} {what}steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}{policy}")
         if cfg.lora.r > 0 and args.command != "rm" and not trainer.stopped_early:
             _export_lora(trainer.parts.checkpointer.latest(), cfg)
-    if trainer.stopped_early:
-        raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; resume with --resume auto")
+    if trainer.stopped_early:  # every rank exits 3; the first one says why
+        how = ("SLURM requeues the job and it resumes from there" if os.environ.get("SLURM_JOB_ID")
+               else "resume with --resume auto")
+        raise TrainingInterrupted(f"checkpointed step {trainer.step} of {cfg.train.steps}; {how}"
+                                  if placement.rank == 0 else "")
 
 
 def _export_lora(ckpt, cfg) -> None:
@@ -95,13 +101,33 @@ def _init_from(cfg):
     return cfg, partial(load_init_weights, init_from=cfg.model.init_from)
 
 
+def config_keys() -> str:
+    """Every section and key a config may hold, for `--help`."""
+    import textwrap
+    import typing
+
+    from tessera.core.config import Config
+
+    lines = ["config keys (TOML [section] key = value; any may be overridden with --section.key=value):"]
+    for name, cls in typing.get_type_hints(Config).items():
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        lines += textwrap.wrap(f"[{name}] {keys}", 100, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def add_parsers(sub) -> None:
+    import argparse
+
     stages = (("train", "pretrain a model on prepared shards"),
               ("sft", "supervised fine-tuning on instruction JSONL"),
               ("rm", "a reward model on preference pairs"), ("dpo", "DPO on preference pairs"),
               ("ppo", "PPO with a reward model or function"), ("grpo", "GRPO with a reward model or function"))
+    keys = config_keys()
     for stage, what in stages:
-        st = sub.add_parser(stage, help=what, description=f"{what}: tessera {stage} CONFIG.toml --section.key=value ...")
+        st = sub.add_parser(stage, help=what, description=f"{what}: tessera {stage} CONFIG.toml --section.key=value ...",
+                            epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
         st.add_argument("config", help="TOML config; any key may be overridden with --section.key=value")
         st.add_argument("--resume", help="'auto' or a checkpoint directory (same as --checkpoint.resume=...)")
+        st.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoints and history of an earlier run in train.run_dir")
         st.set_defaults(func=cmd_train, takes_overrides=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,13 +23,34 @@ from tessera.core.task import LanguageModelingTask
 from tessera.core.trainer import Trainer, TrainerParts
 
 
-def with_vocab(cfg: Config, vocab_size: int) -> Config:
-    """The config with model.vocab_size taken from the data when left at 0."""
+def with_vocab(cfg: Config, vocab_size: int, console: bool = True) -> Config:
+    """The config with model.vocab_size taken from the data when left at 0; a larger one is stated."""
     if cfg.model.vocab_size == 0:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     if cfg.model.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's {vocab_size}")
+    if cfg.model.vocab_size > vocab_size and console:
+        print(f"note: model.vocab_size={cfg.model.vocab_size} is larger than the tokenizer's {vocab_size}: "
+              f"{cfg.model.vocab_size - vocab_size} embedding rows are never used (0 takes the tokenizer's)")
     return cfg
+
+
+def fresh_run_dir(cfg: Config, checkpointer: CheckpointStore, first_rank: bool) -> None:
+    """A fresh run never mixes with an older one in its run_dir: refused while checkpoints are there,
+    unless checkpoint.overwrite, which removes them and the old history first."""
+    latest = checkpointer.latest()
+    if latest is None:
+        return
+    run_dir = Path(cfg.train.run_dir)
+    if not cfg.checkpoint.overwrite:
+        raise ConfigError(f"train.run_dir={str(run_dir)!r} already holds a run (newest checkpoint {latest.name}): "
+                          "continue it with --resume auto, choose another train.run_dir, or replace it with "
+                          "--overwrite")
+    if first_rank:
+        for old in ("checkpoints", "metrics.jsonl", "tensorboard"):
+            path = run_dir / old
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"--overwrite: removed the earlier run's checkpoints and history in {run_dir}")
 
 
 def configure_kernels(cfg: Config, device: torch.device) -> None:
@@ -61,7 +83,7 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
     task.check(cfg, placement)
     device = placement.device
     configure_kernels(cfg, device)
-    cfg = with_vocab(cfg, task.vocab_size)
+    cfg = with_vocab(cfg, task.vocab_size, placement.rank == 0)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = task.build_model(cfg, device, init_weights)
     with torch.device("meta"):  # the trained body's FLOPs, whatever head or adapters the task adds
@@ -76,7 +98,12 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
         (run_dir / "config.toml").write_text(to_toml(cfg))
     checkpointer = placement.checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, task.tokenizer_files)
     resume_from = resume_path(cfg.checkpoint.resume, checkpointer)
+    if resume_from is None:
+        fresh_run_dir(cfg, checkpointer, placement.rank == 0)
     resume_step = checkpoint_step(resume_from) if resume_from else None
+    if resume_step is not None and resume_step > cfg.train.steps:
+        raise ConfigError(f"{resume_from} is at step {resume_step}, past train.steps={cfg.train.steps}: raise "
+                          "train.steps to continue the run, or start a fresh one in another train.run_dir")
     parts = TrainerParts(
         engine=engine, task=task, train_loader=train_loader, val_loader=val_loader, checkpointer=checkpointer,
         metrics=placement.metrics(run_dir, cfg.log.tensorboard, resume_step), device=device,

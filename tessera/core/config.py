@@ -113,6 +113,7 @@ class CheckpointConfig:
     every: int = 500  # 0: only at the end
     keep_last: int = 2
     resume: str = ""  # "", "auto" (newest complete checkpoint in run_dir) or a checkpoint path
+    overwrite: bool = False  # a fresh run into a run_dir that holds checkpoints replaces them (else refused)
     async_save: bool = False  # sharded runs: write shards in the background while training goes on
 
 
@@ -384,13 +385,24 @@ def _apply_preset(model: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Build a validated Config from a TOML file (or defaults) and command-line overrides."""
+    """Build a validated Config from a TOML file (or defaults) and command-line overrides.
+
+    A `--model.preset` on the command line replaces the file's whole [model] section (the preset,
+    then the command line's other model keys), so a preset never silently mixes with a recipe's
+    model; the dropped keys are named on stderr."""
     raw = read_toml(Path(path)) if path else {}
+    patches = []
     for arg in overrides:
         keys, value = parse_override(arg)
         patch: dict = value
         for k in reversed(keys):
             patch = {k: patch}
+        patches.append(patch)
+    if any("preset" in (p.get("model") or {}) for p in patches if isinstance(p.get("model"), dict)) and \
+            isinstance(raw.get("model"), dict) and raw["model"]:
+        dropped = sorted(raw.pop("model"))
+        print(f"tessera: --model.preset replaces the model keys of {path}: {', '.join(dropped)}", file=sys.stderr)
+    for patch in patches:
         raw = merge(raw, patch)
     if not isinstance(raw.get("model", {}), dict):
         raise ConfigError(f"model must be a section ([model] with keys), got {raw['model']!r}")
@@ -449,6 +461,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.checkpoint_every={p.checkpoint_every} must be >= 1")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+
+
+SCHEDULE_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "optim.lr", "optim.min_lr",
+                 "optim.schedule", "optim.warmup_steps", "optim.decay_steps")
+
+
+def schedule_changes(saved_toml: str, cfg: Config) -> list[str]:
+    """`key old -> new` for every schedule key that differs between a saved run config and `cfg`."""
+    saved = tomllib.loads(saved_toml)
+    now = to_dict(cfg)
+    changes = []
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        old = saved.get(section, {}).get(name)
+        if old is not None and old != now[section][name]:
+            changes.append(f"{key} {old} -> {now[section][name]}")
+    return changes
 
 
 def to_dict(cfg: Any) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tessera.core.config import Config, to_toml
+from tessera.core.config import Config, schedule_changes, to_toml
 from tessera.core.metrics import memory_gb
 from tessera.core.optim import lr_at, set_lr
 from tessera.core.seams import BatchLoader, CheckpointStore, Engine, MetricsWriter, Task
@@ -109,6 +109,11 @@ class Trainer:
         if "rng" in state:
             set_rng_state(state["rng"])
         self.task.load_state_dict(state.get("task", {}), self.step, same_layout)
+        if self.parts.console:
+            saved = Path(ckpt) / "run_config.toml"
+            changes = schedule_changes(saved.read_text(), self.cfg) if saved.exists() else []
+            print(f"resumed from step {self.step} ({ckpt})"
+                  + (f"; changed since that checkpoint: {', '.join(changes)}" if changes else ""))
 
     def save(self) -> Path:
         return self.parts.checkpointer.save(self.step, self.engine, self.state_dict(), to_toml(self.cfg),
@@ -188,6 +193,8 @@ class Trainer:
         """Train to `train.steps` (or stop after step `stop_at`, with a checkpoint); returns the last metrics."""
         cfg, parts = self.cfg, self.parts
         end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
+        if self.step >= cfg.train.steps and parts.console:
+            print(f"the run is already finished: step {self.step} of train.steps={cfg.train.steps}; nothing to train")
         batches = iter(parts.train_loader)
         update = self.task.update
         shown = update.progress_keys if update is not None else ("loss", "lr")

@@ -1,4 +1,4 @@
-"""`tessera jobs status|logs|cancel JOB`: the jobs Tessera launched, from a registry file.
+"""`tessera jobs list | status|logs|cancel JOB`: the jobs Tessera launched, from a registry file.
 
 Every launch appends an entry to `<job.output_dir>/jobs.json` (id, name, backend, log files);
 JOB is a job id or a job name (its newest launch). SLURM and submitit jobs are asked of SLURM,
@@ -80,12 +80,41 @@ def status(entry: JobEntry) -> str:
     return "UNKNOWN"
 
 
+def rank_logs(entry: JobEntry) -> list[Path]:
+    """Each rank's own stdout/stderr files, as torchrun tees them (every attempt of a requeued job)."""
+    root = Path(entry.output_dir) / f"{entry.name}-{entry.id}-ranks"
+    return sorted(p for p in root.rglob("std*.log") if p.stat().st_size) if root.is_dir() else []
+
+
 def logs(entry: JobEntry) -> str:
+    """The job's console log, then every rank's complete log: torchrun's console copy can miss a
+    rank's last lines when a signal ends torchrun (preemption), its own file never does."""
     parts = []
     for log in entry.logs:
         path = Path(log)
         parts.append(path.read_text(errors="replace") if path.exists() else f"(no log yet at {path})\n")
+    for path in rank_logs(entry):
+        parts.append(f"--- {path} ---\n{path.read_text(errors='replace')}")
     return "".join(parts)
+
+
+def follow(entry: JobEntry, poll_s: float = 1.0):
+    """The console log as it grows (`tessera jobs logs --follow`), until the job has ended."""
+    logs_ = [Path(p) for p in entry.logs]
+    sent = dict.fromkeys(logs_, 0)
+    while True:
+        ended = status(entry) not in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING")
+        for path in logs_:
+            if path.exists():
+                with open(path, errors="replace") as f:
+                    f.seek(sent[path])
+                    text = f.read()
+                sent[path] += len(text.encode())
+                if text:
+                    yield text
+        if ended:
+            return
+        time.sleep(poll_s)
 
 
 def cancel(entry: JobEntry) -> None:
