@@ -80,7 +80,9 @@ def test_reward_model_reaches_90_percent_held_out(work):
 def test_dpo_raises_held_out_preference_accuracy_and_margin(work):
     records = stage(work, "dpo", "dpo", "pairs.jsonl", "pairs_val.jsonl", "--train.steps=36", "--train.batch_size=16",
                     "--eval.every=12", "--eval.batches=2", "--align.beta=0.5")
-    margins = [r["val_margin"] for r in records if "val_margin" in r]
+    baseline = [r for r in records if r["step"] == 0]
+    assert len(baseline) == 1 and baseline[0]["val_margin"] == 0.0  # evaluated before step 1: the policy is the reference
+    margins = [r["val_margin"] for r in records if "val_margin" in r and r["step"] > 0]
     assert final(records, "val_accuracy") >= 0.9 and margins[-1] > margins[0] > 0, records[-3:]
 
 

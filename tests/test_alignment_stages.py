@@ -88,3 +88,21 @@ def test_dpo_variants_train_too(task, kind, smoothing):
     with torch.no_grad():
         _, end = dpo_step_loss(policy, held_out[0], cfg, reference)
     assert end["accuracy"].item() >= 0.8, end
+
+
+def test_ipo_length_normalized_uses_per_token_means_like_trl(monkeypatch):
+    """TRL's IPO averages the response log-probs over their tokens; the margin and the loss then follow
+    (float64 reference written out here)."""
+    import tessera.alignment.dpo as dpo
+
+    torch.manual_seed(0)
+    logps, ref = torch.randn(4, dtype=torch.float64) * 5, torch.randn(4, dtype=torch.float64) * 5
+    lengths = torch.tensor([3.0, 7.0, 5.0, 2.0], dtype=torch.float64)
+    mask = (torch.arange(9)[None, :] < lengths[:, None]).double()
+    monkeypatch.setattr(dpo, "response_logprobs", lambda model, batch: logps)  # summed log-probs of 4 rows
+    for normalize in (False, True):
+        loss, _ = dpo_step_loss(None, {"ref_logps": ref, "loss_mask": mask},
+                                AlignConfig(beta=0.1, loss="ipo", ipo_length_normalize=normalize))
+        p, r = (logps / lengths, ref / lengths) if normalize else (logps, ref)
+        margin = (p[:2] - r[:2]) - (p[2:] - r[2:])
+        torch.testing.assert_close(loss, ((margin - 1 / (2 * 0.1)) ** 2).mean())

@@ -33,7 +33,9 @@ def precompute_reference(reference: nn.Module, batches: list[dict[str, torch.Ten
 
 def dpo_step_loss(policy: nn.Module, batch: dict[str, torch.Tensor], cfg: AlignConfig,
                   reference: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO loss of one collated batch of pairs (chosen rows first, then rejected)."""
+    """DPO loss of one collated batch of pairs (chosen rows first, then rejected). Log-probs are
+    summed over the response; IPO with `align.ipo_length_normalize` uses per-token means, as TRL
+    does, so TRL's beta values carry over."""
     if "ref_logps" in batch:
         ref = batch["ref_logps"]
     elif reference is not None:
@@ -42,6 +44,9 @@ def dpo_step_loss(policy: nn.Module, batch: dict[str, torch.Tensor], cfg: AlignC
     else:
         raise ValueError("DPO needs reference log-probs: precompute them or pass the reference model")
     logps = response_logprobs(policy, batch)
+    if cfg.loss == "ipo" and cfg.ipo_length_normalize:  # TRL's IPO: per-token means instead of sums
+        lengths = batch["loss_mask"].sum(-1).clamp(min=1).to(logps.dtype)
+        logps, ref = logps / lengths, ref / lengths
     half = logps.shape[0] // 2
     return dpo_loss(logps[:half], logps[half:], ref[:half], ref[half:], cfg.beta, cfg.label_smoothing, cfg.loss)
 

@@ -55,7 +55,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance over the masked entries (and zero mean when `shift_mean`)."""
+    """Normalise to unit variance over the masked entries (and zero mean when `shift_mean`). The
+    variance is the biased (population) one; TRL's `masked_whiten` uses the unbiased one, a factor
+    n / (n - 1) that is negligible at rollout sizes but shows in exact comparisons."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -97,8 +99,9 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """GRPO: each sample's reward against the mean and std of the samples of the same prompt
-    (rows are grouped consecutively, `group_size` per prompt)."""
+    """GRPO: each sample's reward against the mean and (unbiased) std of the samples of the same
+    prompt (rows are grouped consecutively, `group_size` per prompt). The std is offset by 1e-6
+    where TRL adds 1e-4: groups of near-equal rewards get larger advantages here."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     groups = rewards.view(-1, group_size)

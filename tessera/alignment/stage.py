@@ -70,6 +70,7 @@ class StageTask(BaseTask):
     """The parts of a trainer task every alignment stage has in common (see core.task)."""
 
     val_perplexity = False
+    baseline_eval = True  # fine-tuning: the starting model's validation numbers are the baseline
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -92,6 +92,10 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
     engine.objective = task.objective
     task.attach(placement, cfg, engine, init_weights)
     train_loader, val_loader = task.loaders(cfg, placement.dp_rank, placement.dp_size)
+    skipped = train_loader.skipped + (val_loader.skipped if val_loader is not None else 0)
+    if skipped and placement.rank == 0:
+        print(f"data: skipped {skipped} unusable records of {cfg.data.path}"
+              + (f" and {cfg.align.val_path}" if cfg.align.val_path else "") + " (data.on_error='skip')")
     run_dir = Path(cfg.train.run_dir)
     if placement.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

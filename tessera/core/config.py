@@ -185,6 +185,9 @@ class AlignConfig:
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0  # DPO: > 0 is conservative DPO
     reference: Literal["precompute", "model"] = "precompute"  # DPO: log-probs in one pass, or a frozen model
+    # IPO on summed response log-probs (Tessera, the paper's formula) or on their per-token means
+    # (TRL's choice): the two need different betas; true takes beta values from TRL
+    ipo_length_normalize: bool = False
 
     def __post_init__(self):
         if not self.beta > 0:

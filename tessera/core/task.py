@@ -22,6 +22,7 @@ class BaseTask:
     `objective`, no state of their own beyond the trainer's."""
 
     val_perplexity = True
+    baseline_eval = False  # evaluate before the first step (a fine-tuning stage's starting point)
     update: Update | None = None
 
     def __init__(self) -> None:

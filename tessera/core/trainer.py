@@ -189,6 +189,15 @@ class Trainer:
         self.account(finite)
         return {"loss": loss_value, "grad_norm": norm_value, **{k: float(v) for k, v in metrics.items()}}
 
+    def log_eval(self, bar) -> dict:
+        """Evaluate, log and show the validation numbers of this step."""
+        val = self.evaluate()
+        if val:
+            self.parts.metrics.log(self.step, val)
+            if self.parts.console:
+                bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}")
+        return val
+
     def fit(self, stop_at: int | None = None) -> dict:
         """Train to `train.steps` (or stop after step `stop_at`, with a checkpoint); returns the last metrics."""
         cfg, parts = self.cfg, self.parts
@@ -202,6 +211,8 @@ class Trainer:
                    disable=not (cfg.log.progress and parts.console), mininterval=1.0, dynamic_ncols=True)
         train_time, window_steps = 0.0, 0
         last: dict = {}
+        if self.step == 0 < end and self.task.baseline_eval:
+            self.log_eval(bar)
         while self.step < end:
             started = time.perf_counter()
             metrics = self.train_step(batches)
@@ -223,12 +234,7 @@ class Trainer:
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last}, refresh=False)
                 train_time, window_steps = 0.0, 0
             if not stopping and ((cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.train.steps):
-                val = self.evaluate()
-                if val:
-                    parts.metrics.log(self.step, val)
-                    last.update(val)
-                    if parts.console:
-                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}")
+                last.update(self.log_eval(bar))
             periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             if (periodic or done) and self.bad_in_row == 0:  # never checkpoint in the middle of a bad streak
                 self.save()
