@@ -41,3 +41,22 @@ def test_text_metrics_against_hand_computed_values():
 def test_text_metrics_need_paired_lines():
     with pytest.raises(ValueError, match="must pair up"):
         text_metrics(["a", "b"], ["a"])
+
+
+def test_perplexity_max_batches_takes_the_first_batches_with_a_progress_bar(prepared, capsys):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=prepared.vocab_size, n_layers=1, n_heads=2, d_model=16,
+                                    max_seq_len=64)).double()
+    cpu = torch.device("cpu")
+    first = perplexity(model, prepared, "val", seq_len=50, batch_size=7, device=cpu, max_batches=2, progress=True)
+    assert "perplexity (val)" in capsys.readouterr().err and first["tokens"] == 2 * 7 * 50
+    tokens = np.concatenate(list(ShardReader(prepared).tokens(prepared.shards("val")))).astype(np.int64)
+    windows = torch.from_numpy(tokens[: 14 * 51].reshape(14, 51))
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), windows[:, 1:].reshape(-1)).item()
+    assert first["nll"] == pytest.approx(nll, rel=1e-9)
+    whole = perplexity(model, prepared, "val", seq_len=50, batch_size=7, device=cpu, max_batches=10_000)
+    assert whole == perplexity(model, prepared, "val", seq_len=50, batch_size=7, device=cpu)
+    with pytest.raises(ValueError, match="max_batches"):
+        perplexity(model, prepared, "val", seq_len=50, batch_size=7, device=cpu, max_batches=-1)

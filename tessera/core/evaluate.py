@@ -6,25 +6,35 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tessera.core.data import Manifest, ShardReader
 
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, manifest: Manifest, split: str, seq_len: int, batch_size: int,
-               device: torch.device) -> dict:
-    """Token-weighted mean NLL and its exp over every full (seq_len + 1)-token window of a split.
+               device: torch.device, max_batches: int = 0, progress: bool = False) -> dict:
+    """Token-weighted mean NLL and its exp over every full (seq_len + 1)-token window of a split,
+    or over its first `max_batches` batches (0: all).
 
     Windows are cut consecutively from the split's shards in order; the last batch may be smaller.
+    `progress` shows a progress bar of batches (stderr), its total known from the manifest.
     """
+    if max_batches < 0:
+        raise ValueError(f"max_batches={max_batches} must be >= 0 (0: the whole split)")
     model.eval()
     total_nll, total_tokens = 0.0, 0
-    windows = ShardReader(manifest).windows(manifest.shards(split), seq_len + 1)
-    while batch := list(itertools.islice(windows, batch_size)):
-        data = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
-        x, y = data[:, :-1], data[:, 1:]
-        total_nll += model(x, y).double().item() * y.numel()
-        total_tokens += y.numel()
+    shards = manifest.shards(split)
+    windows = ShardReader(manifest).windows(shards, seq_len + 1)
+    batches = -(-sum(s.tokens for s in shards) // (seq_len + 1) // batch_size)
+    limit = min(batches, max_batches) if max_batches else batches
+    with tqdm(total=limit, desc=f"perplexity ({split})", unit="batch", disable=not progress) as bar:
+        while (not max_batches or bar.n < max_batches) and (batch := list(itertools.islice(windows, batch_size))):
+            data = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
+            x, y = data[:, :-1], data[:, 1:]
+            total_nll += model(x, y).double().item() * y.numel()
+            total_tokens += y.numel()
+            bar.update()
     if not total_tokens:
         raise ValueError(f"the {split} split holds no window of {seq_len + 1} tokens")
     nll = total_nll / total_tokens

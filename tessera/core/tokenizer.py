@@ -35,6 +35,12 @@ class Tokenizer:
         self.pad_id = backend.token_to_id(pad)
 
     @property
+    def unk_id(self) -> int | None:
+        """The id of the unknown token (char tokenizers have one), None for byte-level ones that need none."""
+        token = getattr(self.backend.model, "unk_token", None)
+        return self.backend.token_to_id(token) if token else None
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 

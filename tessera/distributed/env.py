@@ -3,17 +3,39 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; `srun` without torchrun sets SLURM_PROCID/
 SLURM_NTASKS/SLURM_LOCALID but not the rendezvous address, which the launcher must export.
 Anything else is a single process and gets no process group, so the same training code runs
-unchanged from a laptop to a cluster. The launcher's `job.dist_timeout_s` arrives as
-TESSERA_DIST_TIMEOUT_S, the collective timeout (torch's default: 10 minutes).
+unchanged from a laptop to a cluster.
+
+Joining the group, and every collective after, waits at most TESSERA_DIST_TIMEOUT_S seconds
+(default 300, not torch's 10 to 30 minutes; the launcher's `job.dist_timeout_s` sets it): a
+restarted torchrun group that fails to re-form ends in one line soon, rather than hang.
 """
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class DistributedTimeout(TimeoutError):
+    """The process group did not form in time (a rank missing, a wrong MASTER_ADDR/PORT)."""
+
+
+def group_timeout(seconds: float | None = None) -> timedelta:
+    """`seconds`, else TESSERA_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S; a value that is no positive number is an error."""
+    raw = os.environ.get("TESSERA_DIST_TIMEOUT_S", "") if seconds is None else seconds
+    try:
+        value = float(raw) if raw != "" else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"TESSERA_DIST_TIMEOUT_S={raw!r} must be a positive number of seconds")
+    return timedelta(seconds=value)
 
 
 @dataclass(frozen=True)
@@ -41,8 +63,9 @@ def _ranks_from_environment() -> tuple[int, int, int] | None:
     return None
 
 
-def init_distributed(device_type: str = "auto") -> DistributedEnv:
-    """Join the process group once (nccl on CUDA, gloo on CPU); later calls return the same env."""
+def init_distributed(device_type: str = "auto", timeout_s: float | None = None) -> DistributedEnv:
+    """Join the process group once (nccl on CUDA, gloo on CPU); later calls return the same env.
+    `timeout_s` bounds joining and each collective (default: see `group_timeout`)."""
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     ranks = _ranks_from_environment()
@@ -56,11 +79,14 @@ def init_distributed(device_type: str = "auto") -> DistributedEnv:
         device = torch.device(device_type)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
-        timeout = int(os.environ.get("TESSERA_DIST_TIMEOUT_S", "0") or 0)
-        # device_id binds the NCCL communicator to this rank's GPU at once (eager init, no guessing)
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout) if timeout > 0 else None,
-                                device_id=device if device_type == "cuda" else None)
+        timeout = group_timeout(timeout_s)
+        try:  # device_id binds the NCCL communicator to this rank's GPU at once (eager init, no guessing)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device if device_type == "cuda" else None)
+        except (dist.DistStoreError, dist.DistNetworkError) as e:  # the master waited, or a rank never reached it
+            raise DistributedTimeout(f"rank {rank} of {world}: the process group did not form within "
+                                     f"{timeout.total_seconds():g} s ({str(e).splitlines()[0]}); check that every "
+                                     "rank started and MASTER_ADDR/MASTER_PORT, or raise TESSERA_DIST_TIMEOUT_S") from None
     return DistributedEnv(rank, local_rank, world, device, dist.get_backend())
 
 

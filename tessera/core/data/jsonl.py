@@ -16,8 +16,13 @@ T = TypeVar("T")
 def numbered_objects(path: str | Path) -> Iterator[tuple[int, dict | ValueError]]:
     """(line number, the line's JSON object, or the ValueError saying why it is not one) for every
     non-blank line, read lazily so that large corpora stream."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, ValueError(f"not UTF-8 text (byte {e.start} of the line is {raw[e.start]:#04x})")
+                continue
             if not line.strip():
                 continue
             try:

@@ -29,8 +29,9 @@ from tessera.core.data.manifest import DataError, Manifest, Shard
 class ShardReader:
     """Reads token arrays out of a split's shards, and cuts them into fixed-length windows.
 
-    A shard that cannot be read stops the run with an error naming it, or with
-    on_error="skip" is dropped from that point on with a warning and counted in `skipped`.
+    A shard that cannot be read (truncated, a corrupt header, a token id outside the vocabulary
+    from flipped bytes) stops the run with an error naming it and why, or with on_error="skip"
+    is dropped from that point on with a warning and counted in `skipped`.
     """
 
     def __init__(self, manifest: Manifest, on_error: str = "raise"):
@@ -49,11 +50,14 @@ class ShardReader:
                     tokens = sample["tokens.npy"]
                     if tokens.dtype != self.dtype or tokens.ndim != 1:
                         raise DataError(f"sample {sample['__key__']} holds {tokens.dtype}{list(tokens.shape)}")
+                    if tokens.size and int(tokens.max()) >= self.manifest.vocab_size:
+                        raise DataError(f"sample {sample['__key__']} holds token id {int(tokens.max())}, outside "
+                                        f"the vocabulary of {self.manifest.vocab_size}")
                     yield tokens
             except Exception as e:
                 if self.on_error != "skip":
-                    raise DataError(f"corrupt or truncated shard {path}: {e}") from e
-                warnings.warn(f"skipping the rest of shard {path}: {e}")
+                    raise DataError(f"corrupt or truncated shard {path}: {reason(e)}") from e
+                warnings.warn(f"skipping the rest of shard {path}: {reason(e)}")
                 self.skipped += 1
 
     def windows(self, shards: list[Shard], length: int) -> Iterator[np.ndarray]:
@@ -65,6 +69,18 @@ class ShardReader:
             for i in range(n):
                 yield buffer[i * length : (i + 1) * length]
             buffer = buffer[n * length :]
+
+
+def reason(error: BaseException) -> str:
+    """The first line of the first non-empty message along an error's causes (webdataset's
+    DecodingError has none of its own)."""
+    seen = error
+    while seen is not None:
+        if str(seen).strip():
+            line = str(seen).strip().splitlines()[0]
+            return line if seen is error else f"{type(seen).__name__}: {line}"
+        seen = seen.__cause__ or seen.__context__
+    return type(error).__name__
 
 
 class _StreamDataset(IterableDataset):

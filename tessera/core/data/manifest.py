@@ -28,6 +28,9 @@ class Manifest:
     tokenizer_hash: str
     splits: dict[str, list[Shard]] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    sources: list[str] = field(default_factory=list)  # the input files read, in order
+    unknown_tokens: int = 0  # input the tokenizer could only map to its unknown token
+    unknown_chars: str = ""  # some of those characters, for the message
 
     def shards(self, split: str) -> list[Shard]:
         if split not in self.splits or not self.splits[split]:
