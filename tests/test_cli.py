@@ -71,6 +71,9 @@ def test_eval_perplexity_and_plot(trained):
     ckpt = workdir / "run" / "checkpoints" / "step_000020"
     result = json.loads(run("eval", "perplexity", "--ckpt", ckpt, "--data", workdir / "data").stdout)
     assert result["perplexity"] > 1 and result["tokens"] > 0
+    first = json.loads(run("eval", "perplexity", "--ckpt", ckpt, "--data", workdir / "data", "--max-batches", "1",
+                           "--batch-size", "2", "--seq-len", "16").stdout)
+    assert first["tokens"] == 2 * 16 < result["tokens"]
     run("plot", workdir / "run")
     png = workdir / "run" / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -53,7 +53,10 @@ def cmd_eval_perplexity(args) -> None:
     seq_len = args.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    print(json.dumps(perplexity(model, manifest, args.split, seq_len, args.batch_size, device)))
+    if args.max_batches < 0:
+        raise UsageError(f"--max-batches {args.max_batches} must be >= 0 (0: the whole split)")
+    print(json.dumps(perplexity(model, manifest, args.split, seq_len, args.batch_size, device, args.max_batches,
+                                progress=True)))
 
 
 def cmd_eval_text(args) -> None:
@@ -92,6 +95,7 @@ def add_parsers(sub) -> None:
     ep.add_argument("--split", default="val")
     ep.add_argument("--seq-len", type=int, default=0, help="default: the model's max_seq_len")
     ep.add_argument("--batch-size", type=int, default=8)
+    ep.add_argument("--max-batches", type=int, default=0, help="evaluate the first N batches only (default 0: all)")
     ep.add_argument("--device", default="auto", choices=DEVICES)
     ep.set_defaults(func=cmd_eval_perplexity)
     et = ev.add_parser("text", help="BLEU and ROUGE of predictions against references, line by line")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import warnings
 from functools import partial
 
 from tessera.cli.errors import TrainingInterrupted
@@ -30,8 +31,11 @@ def cmd_train(args, overrides: list[str]) -> None:
     if args.overwrite:
         overrides = [*overrides, "--checkpoint.overwrite=true"]
     cfg, init_weights = _init_from(load_config(args.config, overrides))
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed\b")  # ~170 lines of its own deprecations
     try:
         placement = placement_for(cfg)
+        if placement.rank != 0:  # one rank speaks for the job: a warning every rank hits prints once
+            warnings.simplefilter("ignore")
         cfg, trainer = build_trainer(cfg, placement, init_weights, _task(args.command, cfg))
         if cfg.log.gpu_telemetry and placement.device.type == "cuda" and placement.rank == 0:
             from tessera.launchers.telemetry import GpuTelemetry
