@@ -104,11 +104,15 @@ def _max_row_blocks(device: torch.device) -> int:
     return 4
 
 
-def _launch_config(n: int) -> tuple[int, int]:
+def _launch_config(n: int, backward: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, num_warps). The backward holds five fp32 rows (w, dW, dB partials, x, dy) per
+    thread, so from 8192 features it takes one warp per 1024 (16 at the limit): at most 32
+    elements of each per thread, no spills (tests/test_kernels_compile.py)."""
     if n > MAX_FEATURES:
         raise ValueError(f"Triton norms support up to {MAX_FEATURES} features, got {n}")
     block = triton.next_power_of_2(n)
-    return block, min(max(block // 256, 1), 8)
+    warps = min(max(block // 256, 1), 8)
+    return block, max(warps, block // 1024) if backward else warps
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -160,7 +164,7 @@ class _Norm(torch.autograd.Function):
         if dy is None:  # only the residual sum was used downstream
             dx = ds
         else:
-            block, warps = _launch_config(n)
+            block, warps = _launch_config(n, backward=True)
             dy2 = _rows(dy, n)
             ds2 = _rows(ds, n) if ds is not None else dy2
             dx = torch.empty_like(total)
