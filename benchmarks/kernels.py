@@ -3,6 +3,8 @@ backends, and Liger-Kernel / flash-attn when installed.
 
     python benchmarks/kernels.py --out DIR            # full sizes, on a GPU
     python benchmarks/kernels.py --smoke --out DIR    # tiny sizes; runs on CPU (Triton interpreter)
+    python benchmarks/kernels.py --once               # one small call of every kernel, fwd+bwd, no
+                                                      # timing: what compute-sanitizer runs (gpu_suite.sh)
 
 Per kernel and size: median time of forward + backward (and forward alone for attention); the
 FLOPs and bytes each call must at least do are stated per case (attention: 4*B*H*S*S*D FLOPs
@@ -232,12 +234,40 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_once() -> None:
+    """Every Triton kernel once, forward and backward, at small odd shapes with every mask kind:
+    short enough for compute-sanitizer's memcheck and racecheck."""
+    ops = {op: dispatch.implementation(op, "triton") for op in dispatch.OPS}
+    for dtype in (torch.bfloat16, torch.float32):
+        leaf = functools.partial(torch.randn, device=DEVICE, dtype=dtype, requires_grad=True)
+        q, k, v = leaf(2, 4, 77, 64), leaf(2, 2, 77, 64), leaf(2, 2, 77, 64)
+        doc = torch.repeat_interleave(torch.arange(3, device=DEVICE), torch.tensor([30, 20, 27], device=DEVICE))[None]
+        pad = torch.ones(2, 77, dtype=torch.bool, device=DEVICE)
+        pad[1, :9] = False
+        for causal, d, p in ((True, None, None), (False, doc, pad), (True, doc, pad)):
+            ops["attention"](q, k, v, causal, d, p).float().sum().backward()
+        x, r, w, b = leaf(33, 300), leaf(33, 300), leaf(300), leaf(300)
+        sum(t.float().sum() for t in ops["layer_norm"](x, w, b, 1e-5, r) + ops["rms_norm"](x, w, 1e-6, r)).backward()
+        logits, targets = leaf(19, 1000), torch.randint(0, 1000, (19,), device=DEVICE)
+        ops["cross_entropy"](logits, targets, -100, 0.1, 1e-3, "mean").backward()
+        ops["linear_cross_entropy"](leaf(19, 64), leaf(1000, 64), targets).backward()
+        cos, sin = torch.randn(1, 1, 77, 64, device=DEVICE), torch.randn(1, 1, 77, 64, device=DEVICE)
+        ops["rope"](q, cos, sin).float().sum().backward()
+        ops["swiglu"](leaf(5, 333), leaf(5, 333)).float().sum().backward()
+    if CUDA:
+        torch.cuda.synchronize()
+    print("every kernel ran once, forward and backward")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, CPU interpreter: checks the harness only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels"))
     ap.add_argument("--only", nargs="*", choices=["norms", "cross_entropy", "attention"])
+    ap.add_argument("--once", action="store_true", help="each kernel once, no timing (for compute-sanitizer)")
     args = ap.parse_args(argv)
+    if args.once:
+        return run_once()
     if not CUDA and not args.smoke:
         ap.error("full sizes need a CUDA GPU; use --smoke on CPU")
     dtype = torch.bfloat16 if CUDA else torch.float32

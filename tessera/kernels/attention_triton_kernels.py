@@ -38,6 +38,7 @@ def _configs(entries):
 # Forward and dQ: 128-row query tiles (two m64 wgmma per warpgroup) over 64-key tiles.
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 2)])
+DQ_MASKED_WIDE = _configs([(128, 32, 8, 2), (64, 32, 4, 2)])  # masked, D > 64: the mask tiles' registers
 # dK/dV: the program owns BLOCK_N keys, the M side of its dots (>= 64 for wgmma), holds K, V, dK
 # and dV in registers, and walks short query tiles; the document masks need the shortest.
 DKDV_CONFIGS = _configs([(32, 128, 8, 2), (16, 128, 8, 2)])
@@ -318,7 +319,7 @@ def _dq_stage(dq, q, do, lse, delta, k_base, v_base, DOC, KDOC, doc_q, q_lo, q_h
     return dq
 
 
-@tuned(DQ_CONFIGS)
+@tuned(DQ_CONFIGS, DQ_MASKED_WIDE)
 @triton.jit
 def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,

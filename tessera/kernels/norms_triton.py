@@ -105,9 +105,10 @@ def _max_row_blocks(device: torch.device) -> int:
 
 
 def _launch_config(n: int, backward: bool = False) -> tuple[int, int]:
-    """(BLOCK_N, num_warps). The backward holds five fp32 rows (w, dW, dB partials, x, dy) per
-    thread, so from 8192 features it takes one warp per 1024 (16 at the limit): at most 32
-    elements of each per thread, no spills (tests/test_kernels_compile.py)."""
+    """(BLOCK_N, num_warps). From 8192 features the backward takes one warp per 1024: it keeps
+    the row's dW and dB partial sums in registers across rows, and at 16384 features 8 warps
+    spilled 300-600 B per variant on sm_90, 16 warps 170-340 B (tests/test_kernels_compile.py
+    lists it as the one known spill; removing it needs a column-chunked backward)."""
     if n > MAX_FEATURES:
         raise ValueError(f"Triton norms support up to {MAX_FEATURES} features, got {n}")
     block = triton.next_power_of_2(n)
