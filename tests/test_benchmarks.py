@@ -19,6 +19,9 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert kernels == {"layer_norm", "rms_norm", "cross_entropy", "attention fwd", "attention fwd+bwd"}
     tessera_rows = [r for r in rows if r["provider"] == "tessera"]
     assert len(tessera_rows) == 5 and all("error" not in r and r["ms"] > 0 for r in tessera_rows)
+    assert all(r["flops"] > 0 and r["bytes"] > 0 for r in rows)
+    streamed = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert streamed == rows  # one line per case, written as it finished
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| kernel | size | provider |" in (tmp_path / "results.md").read_text()
 

@@ -144,3 +144,33 @@ def test_rejects_heads_that_do_not_group():
     q, k, v, _ = inputs(1, 3, 2, 8, 8, 32)
     with pytest.raises(ValueError, match="multiple"):
         attention_triton(q, k, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_mask_row_serves_the_batch(causal):
+    """doc_ids / key_padding_mask of shape (1, S), as doc_ids_from_cu_seqlens returns, broadcast
+    over the batch exactly as in the torch path (and are never read past their end)."""
+    q, k, v, grad = inputs(2, 2, 2, 40, 40, 32, seed=7)
+    doc_ids = torch.repeat_interleave(torch.arange(2), torch.tensor([15, 25]))[None]
+    keep = torch.ones(1, 40, dtype=torch.bool)
+    keep[0, [5, 30]] = False
+    got = assert_matches_reference(q, k, v, grad, causal=causal, doc_ids=doc_ids, key_padding_mask=keep)[0]
+    torch.testing.assert_close(got, attention_torch(q, k, v, causal, doc_ids, keep), atol=1e-5, rtol=1e-5)
+
+
+def test_mask_of_wrong_batch_is_rejected():
+    q, k, v, _ = inputs(3, 2, 2, 16, 16, 32)
+    with pytest.raises(ValueError, match=r"shape \(3, 16\) or \(1, 16\)"):
+        attention_triton(q, k, v, doc_ids=torch.zeros(2, 16, dtype=torch.long))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_many_documents_skip_tiles_exactly(causal):
+    """Documents shorter than a tile, so whole key/query tiles of other documents are skipped;
+    labels out of order too, where ranges overlap and nothing may be skipped wrongly."""
+    lengths = torch.tensor([70, 90, 20, 60, 60])
+    q, k, v, grad = inputs(1, 2, 1, 300, 300, 16, seed=8)
+    in_order = torch.repeat_interleave(torch.arange(5), lengths)[None]
+    shuffled = torch.repeat_interleave(torch.tensor([3, 0, 4, 3, 1]), lengths)[None]  # label 3 twice: one document
+    for doc_ids in (in_order, shuffled):
+        assert_matches_reference(q, k, v, grad, causal=causal, doc_ids=doc_ids)

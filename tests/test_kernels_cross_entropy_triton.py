@@ -156,3 +156,20 @@ def test_linear_cross_entropy_bfloat16_no_worse_than_torch(monkeypatch):
 def test_registered_under_triton_backend():
     assert dispatch._registry["cross_entropy"]["triton"] is ce
     assert dispatch._registry["linear_cross_entropy"]["triton"] is linear_ce
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_minus_inf_logit_matches_torch(smoothing):
+    """A -inf logit (a banned token) is finite without smoothing (no 0 * -inf) and inf with it, as in torch."""
+    torch.manual_seed(21)
+    logits = torch.randn(6, 300)
+    logits[:, 7] = float("-inf")
+    targets = torch.randint(8, 300, (6,))
+    upstream = upstream_for("none", 6)
+    loss, grad = loss_and_grad(ce, logits, targets, upstream, label_smoothing=smoothing, reduction="none")
+    want = F.cross_entropy(logits.double(), targets, label_smoothing=smoothing, reduction="none")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    if smoothing == 0.0:
+        ref, ref_grad = loss_and_grad(lambda x, t: reference(x, t, reduction="none"), logits.double(), targets, upstream)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+        assert (grad[:, 7] == 0).all()

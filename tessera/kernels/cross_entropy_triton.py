@@ -56,7 +56,9 @@ def _ce_kernel(
         x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
         m = m_new
     lse = m + tl.log(s)
-    loss = lse - (1.0 - smoothing) * x_target - smoothing * x_sum / V + z_loss * lse * lse
+    # Without smoothing the logit sum must not enter at all: a -inf logit would make it 0 * -inf.
+    smooth = tl.where(smoothing != 0.0, smoothing * x_sum / V, 0.0)
+    loss = lse - (1.0 - smoothing) * x_target - smooth + z_loss * lse * lse
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
 
     if COMPUTE_GRAD:

@@ -104,11 +104,16 @@ def _max_row_blocks(device: torch.device) -> int:
     return 4
 
 
-def _launch_config(n: int) -> tuple[int, int]:
+def _launch_config(n: int, backward: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, num_warps). From 8192 features the backward takes one warp per 1024: it keeps
+    the row's dW and dB partial sums in registers across rows, and at 16384 features 8 warps
+    spilled 300-600 B per variant on sm_90, 16 warps 170-340 B (tests/test_kernels_compile.py
+    lists it as the one known spill; removing it needs a column-chunked backward)."""
     if n > MAX_FEATURES:
         raise ValueError(f"Triton norms support up to {MAX_FEATURES} features, got {n}")
     block = triton.next_power_of_2(n)
-    return block, min(max(block // 256, 1), 8)
+    warps = min(max(block // 256, 1), 8)
+    return block, max(warps, block // 1024) if backward else warps
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -160,7 +165,7 @@ class _Norm(torch.autograd.Function):
         if dy is None:  # only the residual sum was used downstream
             dx = ds
         else:
-            block, warps = _launch_config(n)
+            block, warps = _launch_config(n, backward=True)
             dy2 = _rows(dy, n)
             ds2 = _rows(ds, n) if ds is not None else dy2
             dx = torch.empty_like(total)
