@@ -59,7 +59,7 @@ def as_double_leaves(inputs):
     return [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
 
 
-@pytest.mark.parametrize("shape", [(37, 300), (64, 256), (3, 5, 96)])
+@pytest.mark.parametrize("shape", [(37, 300), (64, 256), (3, 5, 96), (9, 12289)])  # the last: dW/dB summed in memory
 @pytest.mark.parametrize("kind", ["layer", "layer_no_bias", "rms"])
 @pytest.mark.parametrize("has_residual", [False, True])
 def test_forward_and_gradients_match_float64(shape, kind, has_residual):

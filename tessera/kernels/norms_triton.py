@@ -61,6 +61,7 @@ def _norm_bwd_kernel(
     X, W, DY, DS, DX, DW_PART, DB_PART, MEAN, RSTD,
     stride_x, stride_dy, stride_ds, stride_dx, M, N, rows_per_program,
     IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_IN_MEMORY: tl.constexpr,
 ):
     block = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -79,6 +80,8 @@ def _norm_bwd_kernel(
             xhat = x * rstd
         else:
             xhat = tl.where(mask, (x - tl.load(MEAN + row64)) * rstd, 0.0)
+        if ACC_IN_MEMORY:  # reloaded (a cache hit) rather than held in registers across rows
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         wdy = w * dy
         c1 = tl.sum(xhat * wdy, axis=0) / N
         if IS_RMS:
@@ -88,12 +91,20 @@ def _norm_bwd_kernel(
         if HAS_DS:
             dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row64 * stride_dx + cols, round_cast(dx, DX.dtype.element_ty), mask=mask)
-        dw += dy * xhat
+        if ACC_IN_MEMORY:  # wide rows: registers hold one row, this block's partial sums stay in L2
+            dw_row = DW_PART + block * N + cols
+            tl.store(dw_row, tl.load(dw_row, mask=mask, other=0.0) + dy * xhat, mask=mask)
+            if HAS_BIAS:
+                db_row = DB_PART + block * N + cols
+                tl.store(db_row, tl.load(db_row, mask=mask, other=0.0) + dy, mask=mask)
+        else:
+            dw += dy * xhat
+            if HAS_BIAS:
+                db += dy
+    if not ACC_IN_MEMORY:
+        tl.store(DW_PART + block * N + cols, dw, mask=mask)
         if HAS_BIAS:
-            db += dy
-    tl.store(DW_PART + block * N + cols, dw, mask=mask)
-    if HAS_BIAS:
-        tl.store(DB_PART + block * N + cols, db, mask=mask)
+            tl.store(DB_PART + block * N + cols, db, mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,15 +116,20 @@ def _max_row_blocks(device: torch.device) -> int:
 
 
 def _launch_config(n: int, backward: bool = False) -> tuple[int, int]:
-    """(BLOCK_N, num_warps). From 8192 features the backward takes one warp per 1024: it keeps
-    the row's dW and dB partial sums in registers across rows, and at 16384 features 8 warps
-    spilled 300-600 B per variant on sm_90, 16 warps 170-340 B (tests/test_kernels_compile.py
-    lists it as the one known spill; removing it needs a column-chunked backward)."""
+    """(BLOCK_N, num_warps). From 8192 features the backward takes one warp per 1024; above that
+    it also keeps the dW and dB partial sums in memory (`acc_in_memory`) rather than registers
+    across rows: at 16384 features they spilled 300-600 B per variant on sm_90 with 8 warps and
+    170-340 B with 16 (tests/test_kernels_compile.py)."""
     if n > MAX_FEATURES:
         raise ValueError(f"Triton norms support up to {MAX_FEATURES} features, got {n}")
     block = triton.next_power_of_2(n)
     warps = min(max(block // 256, 1), 8)
     return block, max(warps, block // 1024) if backward else warps
+
+
+def acc_in_memory(block_n: int) -> bool:
+    """Whether the backward sums dW and dB in memory: past 8192 features they do not fit in registers."""
+    return block_n > 8192
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,14 +187,15 @@ class _Norm(torch.autograd.Function):
             dx = torch.empty_like(total)
             rows_per_program = triton.cdiv(m, max(1, min(m, _max_row_blocks(total.device))))
             blocks = triton.cdiv(m, rows_per_program) if m else 0
-            dw_part = torch.empty(blocks, n, device=total.device, dtype=torch.float32)
-            db_part = torch.empty_like(dw_part) if has_bias else dw_part
+            in_memory = acc_in_memory(block)
+            dw_part = (torch.zeros if in_memory else torch.empty)(blocks, n, device=total.device, dtype=torch.float32)
+            db_part = (torch.zeros_like if in_memory else torch.empty_like)(dw_part) if has_bias else dw_part
             if m:
                 _norm_bwd_kernel[(blocks,)](
                     total, w, dy2, ds2, dx, dw_part, db_part, mean if mean is not None else rstd, rstd,
                     total.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0), m, n, rows_per_program,
                     IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
-                    BLOCK_N=block, num_warps=warps,
+                    BLOCK_N=block, ACC_IN_MEMORY=in_memory, num_warps=warps,
                 )
             dw = dw_part.sum(0).to(w.dtype) if has_weight else None
             db = db_part.sum(0).to(b_dtype) if has_bias else None
