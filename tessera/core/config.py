@@ -403,8 +403,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         patches.append(patch)
     if any("preset" in (p.get("model") or {}) for p in patches if isinstance(p.get("model"), dict)) and \
             isinstance(raw.get("model"), dict) and raw["model"]:
-        dropped = sorted(raw.pop("model"))
-        print(f"tessera: --model.preset replaces the model keys of {path}: {', '.join(dropped)}", file=sys.stderr)
+        dropped = sorted(k for k in raw.pop("model") if k != "preset")
+        if dropped:
+            print(f"tessera: --model.preset replaces the model keys of {path}: {', '.join(dropped)}", file=sys.stderr)
     for patch in patches:
         raw = merge(raw, patch)
     if not isinstance(raw.get("model", {}), dict):
