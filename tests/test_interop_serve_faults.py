@@ -95,7 +95,8 @@ def test_authorization_scheme_and_metrics_format(server):
     assert answered[("completions", "401")] >= 3 and answered[("completions", "200")] >= 2
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+FLOATS = st.floats(allow_nan=False, allow_infinity=False)  # what JSON can carry
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | FLOATS | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                     max_leaves=8)
 FIELDS = {"prompt": st.text(max_size=12) | st.lists(st.text(max_size=6), max_size=2) | JSON,

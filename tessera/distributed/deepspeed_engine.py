@@ -11,12 +11,21 @@ fp32 weights and optimizer state in ZeRO's partitions, like the FSDP path withou
 
 DeepSpeed is an optional extra (`pip install tessera[deepspeed]`); importing this module without
 it raises an error that says so.
+
+At the end, `close()` releases what DeepSpeed keeps of the engine: its hooks, ZeRO-3's module
+stack (a module-level list that otherwise keeps the model, the engine, the optimizer and through
+them the process groups alive until interpreter shutdown, whose gloo/NCCL threads were then torn
+down in arbitrary order: "terminate called without an active exception" now and then) and the
+attributes ZeRO-3 puts on parameters. Engines not closed by their owner are closed at exit.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import socket
+import weakref
 from pathlib import Path
 
 import torch
@@ -101,6 +110,26 @@ class DeepSpeedEngine(LocalEngine):
     def any_rank(self, flag: bool) -> bool:
         return world_max(float(flag)) > 0
 
+    def close(self) -> None:
+        """Release DeepSpeed's references to the model, so that the engine, its optimizer and the
+        process groups they hold are freed now (their threads joined) rather than at interpreter shutdown."""
+        from deepspeed.runtime.zero import parameter_offload
+
+        if self.ds is None:
+            return
+        stage3 = self.ds.zero_optimization_stage() == 3
+        self.ds.destroy()
+        parameter_offload.FWD_MODULE_STACK.clear()
+        for module in self.model.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                          module._backward_pre_hooks):
+                hooks.clear()
+        if stage3:  # ZeRO-3's ds_* tensors and bound methods on every parameter reach its groups
+            for p in self.model.parameters():
+                p.__dict__.clear()
+        self.ds = self._forward = self.optimizer = None
+        gc.collect()
+
     def max_over_ranks(self, value: float) -> float:
         return world_max(value)
 
@@ -153,6 +182,12 @@ def _refuse_companions(companions: dict | None) -> None:
                           "parallel.engine='deepspeed'; valid: parallel.engine='fsdp'")
 
 
+def _close_at_exit(engine: weakref.ref) -> None:
+    """atexit runs while the interpreter is whole: the last moment to free an engine's groups in order."""
+    if (alive := engine()) is not None:
+        alive.close()
+
+
 def _full_weights(model: Transformer) -> dict[str, torch.Tensor]:
     """The weights as standalone tensors: ZeRO keeps them as views into flat buffers, which safetensors
     refuses, and tied embeddings are stored once, as `save_model` would."""
@@ -190,7 +225,9 @@ class DeepSpeedPlacement(LocalPlacement):
         optimizer = build_optimizer(model, cfg.optim, self.device)
         ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                              config=deepspeed_config(cfg, self.dp_size))
-        return DeepSpeedEngine(ds_engine, self.device, cfg.train.precision)
+        engine = DeepSpeedEngine(ds_engine, self.device, cfg.train.precision)
+        atexit.register(_close_at_exit, weakref.ref(engine))
+        return engine
 
     def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:
         return DeepSpeedCheckpointer(directory, keep_last, attachments)

@@ -12,6 +12,7 @@ restarted torchrun group that fails to re-form ends in one line soon, rather tha
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -91,6 +92,11 @@ def init_distributed(device_type: str = "auto", timeout_s: float | None = None) 
 
 
 def destroy() -> None:
-    """Leave the process group, if any (safe to call twice or without one)."""
+    """Leave the process group, if any (safe to call twice or without one); DeepSpeed's own
+    references to the groups are released with them, through its API, when it is in use."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()

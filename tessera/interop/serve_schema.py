@@ -118,11 +118,17 @@ def parse_request(raw: bytes, cls: type[_Sampled], limits: ServeLimits) -> _Samp
         req = cls.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = ".".join(str(p) for p in first["loc"] if not _union_member(p)) or None
         raise ApiError(400, f"{param}: {first['msg']}", param) from None
     if len(req.stop_strings()) > limits.max_stop_strings:
         raise ApiError(400, f"stop: at most {limits.max_stop_strings} stop strings", "stop")
     return req
+
+
+def _union_member(part: str | int) -> bool:
+    """Whether a part of pydantic's error location names the member of a union tried ("str",
+    "list[str]", "function-after[...]") rather than a field or an index."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
 def check_lengths(prompt_tokens: int, max_tokens: int, limits: ServeLimits, context: int) -> None:
