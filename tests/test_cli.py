@@ -185,3 +185,13 @@ def test_help_lists_every_command_in_one_line_and_train_lists_the_config_keys():
     assert run("--version").stdout.startswith("tessera ")
     train_help = run("train", "--help").stdout
     assert "[optim] lr, min_lr" in train_help and "[rl] reward_model" in train_help and "--overwrite" in train_help
+
+
+def test_eval_perplexity_takes_an_int8_checkpoint(trained):
+    workdir, _ = trained
+    ckpt = workdir / "run" / "checkpoints" / "step_000020"
+    args = ["--data", workdir / "data", "--max-batches", "2", "--batch-size", "2", "--seq-len", "16"]
+    full = json.loads(run("eval", "perplexity", "--ckpt", ckpt, *args).stdout)
+    run("quantize", ckpt, workdir / "int8", "--int8")
+    int8 = json.loads(run("eval", "perplexity", "--ckpt", workdir / "int8", *args).stdout)
+    assert int8["tokens"] == full["tokens"] and abs(int8["perplexity"] / full["perplexity"] - 1) < 0.05

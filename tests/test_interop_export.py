@@ -138,6 +138,8 @@ def test_int8_model_takes_targets_and_full_precision_commands_refuse_it_in_one_l
         load_model_from_checkpoint(out)
     assert str(ckpt) in str(refused.value) and "\n" not in str(refused.value)
     capsys.readouterr()
-    assert main(["export", "onnx", str(out), str(tmp_path / "m.onnx")]) == 2
-    err = capsys.readouterr().err
-    assert "int8 checkpoint" in err and err.count("\n") == 1 and "Traceback" not in err
+    for command in (["export", "onnx", str(out), str(tmp_path / "m.onnx")],
+                    ["convert", "to-hf", str(out), str(tmp_path / "hf")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "int8 checkpoint" in err and err.count("\n") == 1 and "Traceback" not in err, (command, err)

@@ -1,6 +1,8 @@
 """`tessera tokenizer train` and `tessera data prepare`: text in, a tokenizer and WebDataset shards out."""
 from __future__ import annotations
 
+import sys
+
 from tessera.cli.errors import UsageError
 
 
@@ -26,6 +28,11 @@ def cmd_data_prepare(args) -> None:
     manifest = prepare(args.input, load_tokenizer(args.tokenizer), args.out, args.val_fraction,
                        args.shard_tokens, args.sample_tokens, args.text_field)
     counts = ", ".join(f"{k}: {manifest.tokens(k):,} tokens in {len(v)} shards" for k, v in manifest.splits.items())
+    read = ", ".join(manifest.sources[:5]) + (f" and {len(manifest.sources) - 5} more" if len(manifest.sources) > 5 else "")
+    print(f"read {len(manifest.sources)} files: {read}")
+    if manifest.unknown_tokens:
+        print(f"warning: {manifest.unknown_tokens} tokens of input are the tokenizer's unknown token "
+              f"(characters it has never seen, such as {manifest.unknown_chars!r})", file=sys.stderr)
     print(f"wrote {args.out}/manifest.json ({counts})")
 
 
@@ -47,7 +54,8 @@ def add_parsers(sub) -> None:
     dp.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
     dp.add_argument("--out", required=True)
     dp.add_argument("--val-fraction", type=float, default=0.1)
-    dp.add_argument("--shard-tokens", type=int, default=1 << 20)
+    dp.add_argument("--shard-tokens", type=int, default=0,
+                    help="tokens per shard (default 0: sized so every split has at least 8 shards, at most 2^20 tokens each)")
     dp.add_argument("--sample-tokens", type=int, default=4096)
     dp.add_argument("--text-field", default="text")
     dp.set_defaults(func=cmd_data_prepare)

@@ -18,9 +18,11 @@ def exit_status(error: Exception) -> int | None:
     from tessera.core.config import ConfigError
     from tessera.core.data import DataError
     from tessera.core.trainer import TrainingDiverged
+    from tessera.distributed.env import DistributedTimeout
     from tessera.kernels import KernelBackendError
 
-    if isinstance(error, (ConfigError, DataError, UsageError, KernelBackendError, FileNotFoundError, ValueError)):
+    if isinstance(error, (ConfigError, DataError, UsageError, KernelBackendError, FileNotFoundError, ValueError,
+                          DistributedTimeout)):
         return 2
     if isinstance(error, TrainingDiverged):
         return 1

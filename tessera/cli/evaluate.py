@@ -40,15 +40,16 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval_perplexity(args) -> None:
-    from tessera.core.checkpoint import find_checkpoint, load_model_from_checkpoint
+    from tessera.core.checkpoint import find_checkpoint
     from tessera.core.data import read_manifest
     from tessera.core.evaluate import perplexity
     from tessera.core.placement import resolve_device
     from tessera.core.tokenizer import load_tokenizer
+    from tessera.interop.quantize import is_quantized, load_for_inference
 
-    device = resolve_device(args.device)
     ckpt = find_checkpoint(args.ckpt)
-    model = load_model_from_checkpoint(ckpt, device)
+    device = resolve_device("cpu" if is_quantized(ckpt) and args.device == "auto" else args.device)
+    model = load_for_inference(ckpt, device)  # int8 checkpoints too (on the CPU)
     manifest = read_manifest(args.data, load_tokenizer(ckpt).hash)
     seq_len = args.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:

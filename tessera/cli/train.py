@@ -46,6 +46,7 @@ def cmd_train(args, overrides: list[str]) -> None:
         start = trainer.step
         final = trainer.fit()
         trainer.parts.metrics.close()
+        getattr(trainer.engine, "close", lambda: None)()  # DeepSpeed: free its groups before the process group
     finally:
         destroy()
     if placement.rank == 0:

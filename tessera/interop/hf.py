@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tessera.core.checkpoint import find_checkpoint, load_model_from_checkpoint, load_weights, publish, read_model_config
+from tessera.core.checkpoint import (
+    find_checkpoint, load_model_from_checkpoint, load_weights, publish, read_model_config, refuse_int8,
+)
 from tessera.core.config import ConfigError, ModelConfig, to_dict
 from tessera.interop.hf_mapping import (
     ConversionError, config_from_hf, config_to_hf, weights_from_hf, weights_to_hf, with_architecture_of,
@@ -89,6 +91,7 @@ def read_tessera_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 def convert_to_hf(ckpt: str | Path, out: str | Path, max_shard_size: str = DEFAULT_MAX_SHARD) -> Path:
     """Write a Tessera checkpoint (or a run's newest) as a Hugging Face model directory `out`."""
     ckpt, out = find_checkpoint(ckpt), Path(out)
+    refuse_int8(ckpt, "tessera convert to-hf")
     cfg = read_model_config(ckpt)
     tensors = weights_to_hf(read_tessera_tensors(ckpt), cfg)
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
