@@ -50,7 +50,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("--eval.every=-1", "eval.every=-1 must be >= 0 (0: off)"),
     ("--checkpoint.every=-1", "checkpoint.every=-1 must be >= 0 (0: off)"),
     ("--optim.betas=[1.5, 0.99]", "optim.betas=[1.5, 0.99] must each be in [0, 1)"),
-    ("--optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
+    ("--optim.lr=-0.001", "optim.lr=-0.001 must be >= 0"),
     ("--align.beta=0", "align.beta=0.0 must be > 0"),
     ("--align.beta=-1", "align.beta=-1.0 must be > 0"),
     ("--align.label_smoothing=1.5", "align.label_smoothing=1.5 must be in [0, 0.5)"),

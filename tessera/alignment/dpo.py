@@ -7,6 +7,8 @@ which frees the reference's memory for the rest of the run.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -66,11 +68,13 @@ class DPOTask(StageTask):
         return read_pairs(path, self.tokenizer, self.template, cfg.train.seq_len, cfg.data.on_error)
 
     def build_model(self, cfg: Config, device: torch.device, init_weights) -> nn.Module:
-        return self.adapt(self.new_transformer(cfg, device, init_weights), cfg)
+        """The policy; the reference is a frozen copy of it taken before LoRA adapters."""
+        policy = self.new_transformer(cfg, device, init_weights)
+        self.frozen = copy.deepcopy(policy).requires_grad_(False)
+        return self.adapt(policy, cfg)
 
     def attach(self, placement, cfg: Config, engine, init_weights) -> None:
-        reference = self.new_transformer(cfg, placement.device, init_weights).requires_grad_(False)
-        reference = placement.prepare(reference, cfg)
+        reference, self.frozen = placement.prepare(self.frozen, cfg), None  # precomputed: freed after scoring
         if cfg.align.reference == "model":
             self.reference = reference
             return

@@ -170,6 +170,9 @@ class RLTask(StageTask):
         if bool(rl.reward_model) == bool(rl.reward_fn):
             raise ConfigError("set exactly one of rl.reward_model (a `tessera rm` checkpoint) and rl.reward_fn "
                               "('module:function')")
+        if rl.max_new_tokens >= cfg.model.max_seq_len:
+            raise ConfigError(f"rl.max_new_tokens={rl.max_new_tokens} leaves no room for a prompt in "
+                              f"model.max_seq_len={cfg.model.max_seq_len}")
         self.command = command
         self.prompts, self.skipped = read_prompts(cfg.data.path, self.tokenizer,
                                                   self.template if rl.chat_template else None,
@@ -183,9 +186,6 @@ class RLTask(StageTask):
 
     def check(self, cfg: Config, placement: Placement) -> None:
         rl, p, dp = cfg.rl, cfg.parallel, placement.dp_size
-        if rl.max_new_tokens >= cfg.model.max_seq_len:
-            raise ConfigError(f"rl.max_new_tokens={rl.max_new_tokens} leaves no room for a prompt in "
-                              f"model.max_seq_len={cfg.model.max_seq_len}")
         grouped = self.command == "grpo"
         if grouped:
             check_group_size(rl)

@@ -430,7 +430,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be positive")
     o = cfg.optim
     at_least_zero = {
-        "model.d_ff": m.d_ff, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
+        "model.d_ff": m.d_ff, "optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
         "optim.grad_clip": o.grad_clip, "optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps,
         "eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
         "data.shuffle_buffer": cfg.data.shuffle_buffer, "log.peak_tflops": cfg.log.peak_tflops,
@@ -439,7 +439,7 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0" + (" (0: off)" if key.endswith(".every") else ""))
     for key, value in {"model.ffn_multiple_of": m.ffn_multiple_of, "train.max_bad_steps": t.max_bad_steps,
-                       "optim.lr": o.lr, "optim.eps": o.eps, "model.norm_eps": m.norm_eps,
+                       "optim.eps": o.eps, "model.norm_eps": m.norm_eps,
                        "model.rope_theta": m.rope_theta}.items():
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
