@@ -112,6 +112,7 @@ class Task(Protocol):
     vocab_size: int
     tokenizer_files: tuple[Path, ...]  # copied into every checkpoint
     val_perplexity: bool  # the validation loss is a per-token NLL
+    static_shapes: bool  # every batch has one shape (compile="auto" may compile)
     companions: dict[str, Engine]  # other trained models, checkpointed in the same step directory
     update: Update | None  # None: the trainer's gradient step on `objective`
 

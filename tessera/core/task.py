@@ -22,6 +22,7 @@ class BaseTask:
     `objective`, no state of their own beyond the trainer's."""
 
     val_perplexity = True
+    static_shapes = False
     update: Update | None = None
 
     def __init__(self) -> None:
@@ -56,6 +57,8 @@ class BaseTask:
 
 class LanguageModelingTask(BaseTask):
     """Next-token prediction over shards prepared by `tessera data prepare`."""
+
+    static_shapes = True  # (batch_size, seq_len) windows
 
     def __init__(self, cfg: Config):
         super().__init__()
