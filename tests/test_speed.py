@@ -79,7 +79,9 @@ def test_compile_cache_dir_is_the_users_then_tesseras_then_xdg(monkeypatch, tmp_
     assert speed.compile_cache_dir() == tmp_path / "xdg" / "tessera" / "inductor"
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "t"))
     assert speed.compile_cache_dir() == tmp_path / "t" / "inductor"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", speed.default_cache_dir())  # torch's own default, exported by torch
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's own default, exported by torch
     assert speed.compile_cache_dir() == tmp_path / "t" / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert speed.compile_cache_dir() == tmp_path / "mine"

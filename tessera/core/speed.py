@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from tessera.core.config import Config
 
@@ -84,6 +83,8 @@ def compile_cache_dir() -> Path:
     """Where torch keeps compiled code between runs: TORCHINDUCTOR_CACHE_DIR when the user set it,
     else $TESSERA_CACHE_DIR/inductor, else $XDG_CACHE_HOME/tessera/inductor (~/.cache/tessera/inductor).
     (torch itself exports its default, a per-user directory in /tmp, once it has looked it up.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch._inductor: seconds to import
+
     torch_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if torch_dir and Path(torch_dir) != Path(default_cache_dir()):
         return Path(torch_dir)
@@ -95,6 +96,9 @@ def compile_blocks(model: nn.Module, block_type: type[nn.Module]) -> None:
     """Compile every `block_type` module of `model` in place (regional compilation): all blocks of
     one shape share one graph, compiled once, and state-dict keys stay as they are. The persistent
     FX-graph and AOTAutograd caches are kept on, in `compile_cache_dir()`."""
+    import torch._functorch.config
+    import torch._inductor.config
+
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
