@@ -7,6 +7,7 @@ compilation included), run back to back:
 - recipe_cold: `tessera train configs/shakespeare_char.toml` with empty compile caches
   (fresh TESSERA_CACHE_DIR and TMPDIR, so torch's precompiled headers are rebuilt too);
 - recipe_warm: the same command again, its caches now warm;
+- recipe_fp32_eager: the recipe in fp32 without compilation, the reference of the loss curve;
 - gpt2_fp32_eager: Tessera with nanoGPT's blocks, fp32, no compilation (the framework's own overhead);
 - no_native_bf16: the recipe as `auto` resolves it on a CPU without native bf16 (fp32 + compile), cold caches.
 
@@ -69,6 +70,7 @@ def tessera_row(name: str, overrides: list[str], steps: int, env: dict, run_dir:
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > min(100, steps // 2)]
     speed = next((line[len("speed: "):] for line in out.splitlines() if line.startswith("speed: ")), "")
     return {"row": name, "wall_s": wall, "tokens_per_s": statistics.median(rates) if rates else None,
+            "losses": [r["loss"] for r in records if "loss" in r],
             "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1], "speed": speed,
             "what": "tessera train configs/shakespeare_char.toml " + " ".join(overrides)}
 
@@ -98,7 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rows", nargs="+", default=["eager_gpt2", "eager_llama", "recipe_cold", "recipe_warm",
-                                                   "gpt2_fp32_eager", "no_native_bf16"])
+                                                   "recipe_fp32_eager", "gpt2_fp32_eager", "no_native_bf16"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     cpu = cpu_description()
@@ -111,6 +113,8 @@ def main() -> None:
             "eager_llama": lambda: eager_row("llama", args.steps, plain_env),
             "recipe_cold": lambda: tessera_row("recipe_cold", [], args.steps, recipe_env, tmp / "run_cold"),
             "recipe_warm": lambda: tessera_row("recipe_warm", [], args.steps, recipe_env, tmp / "run_warm"),
+            "recipe_fp32_eager": lambda: tessera_row("recipe_fp32_eager", ["--train.precision=fp32", "--train.compile=false"],
+                                                     args.steps, plain_env, tmp / "run_fp32"),
             "gpt2_fp32_eager": lambda: tessera_row("gpt2_fp32_eager", [*GPT2_BLOCKS, "--train.precision=fp32",
                                                                        "--train.compile=false"], args.steps, plain_env, tmp / "run_gpt2"),
             "no_native_bf16": lambda: tessera_row("no_native_bf16", ["--train.precision=fp32"], args.steps, nobf16_env,
@@ -125,6 +129,17 @@ def main() -> None:
     (out / "recipe_speed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if any(r["row"].startswith("eager_") for r in rows):
         print("\n" + table(rows, cpu))
+    by_name = {r["row"]: r for r in rows}
+    if "recipe_cold" in by_name and "recipe_fp32_eager" in by_name:
+        gap = curve_gap(by_name["recipe_cold"]["losses"], by_name["recipe_fp32_eager"]["losses"])
+        print(f"\nlargest gap between the recipe's loss curve and fp32 eager's (100-step means): {100 * gap:.2f}%")
+
+
+def curve_gap(ours: list[float], reference: list[float], width: int = 10) -> float:
+    """Largest relative difference of two loss curves (logged every 10 steps) averaged over `width` records."""
+    means = [(statistics.fmean(ours[i:i + width]), statistics.fmean(reference[i:i + width]))
+             for i in range(0, min(len(ours), len(reference)) - width + 1, width)]
+    return max((abs(a - b) / b for a, b in means), default=float("nan"))
 
 
 if __name__ == "__main__":
