@@ -41,6 +41,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(flags, e
     precision, _, line = resolved(cfg(), flags)
     assert precision == expected
     assert f"precision {expected}" in line
+    assert ("CPU has " + ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}))) in line if expected == "bf16" \
+        else "no native bf16" in line
 
 
 def test_auto_precision_is_fp32_on_several_ranks_and_explicit_values_are_kept():

@@ -21,7 +21,7 @@ from tessera.core.config import Config
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 (/proc/cpuinfo "flags")
 ARM_BF16_FLAGS = ("bf16",)  # aarch64 (/proc/cpuinfo "Features")
-COMPILE_MIN_STEPS = 1000  # below this a cold compilation (~10-20 s on a laptop CPU) is not repaid
+COMPILE_MIN_STEPS = 1000  # below this a cold compilation (tens of seconds of g++ on a laptop CPU) is not repaid
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -58,7 +58,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int, static_shapes: b
     if precision == "auto":
         native = world_size == 1 and native_bf16(device, flags)
         precision = "bf16" if native else "fp32"
-        why_precision = _precision_reason(device, world_size, native)
+        why_precision = _precision_reason(device, world_size, native, flags)
     compile_, why_compile = t.compile, "set"
     if compile_ == "auto":
         long_enough = t.steps >= COMPILE_MIN_STEPS
@@ -70,11 +70,12 @@ def resolve(cfg: Config, device: torch.device, world_size: int, static_shapes: b
     return cfg, f"precision {precision} ({why_precision}); compile {str(compile_).lower()} ({why_compile})"
 
 
-def _precision_reason(device: torch.device, world_size: int, native: bool) -> str:
+def _precision_reason(device: torch.device, world_size: int, native: bool,
+                      flags: Callable[[], frozenset[str]]) -> str:
     if world_size > 1:
         return "auto: several ranks; set train.precision or parallel.mixed_precision"
     if device.type == "cpu":
-        found = sorted(cpu_flags() & {*CPU_BF16_FLAGS, *ARM_BF16_FLAGS})
+        found = sorted(flags() & {*CPU_BF16_FLAGS, *ARM_BF16_FLAGS})
         return f"auto: CPU has {', '.join(found)}" if native else "auto: this CPU has no native bf16"
     return f"auto: {device.type} {'has' if native else 'lacks'} native bf16"
 
