@@ -29,7 +29,9 @@ def losses(run_dir, key="loss"):
 
 
 @pytest.mark.parametrize("extra", [[], ["--data.num_workers=2", "--model.pos=rope", "--model.norm=rmsnorm",
-                                        "--model.mlp=swiglu", "--model.n_kv_heads=2", "--train.grad_accum=2"]])
+                                        "--model.mlp=swiglu", "--model.n_kv_heads=2", "--train.grad_accum=2"],
+                                   ["--model.pos=rope", "--model.norm=rmsnorm", "--model.mlp=swiglu",
+                                    "--train.precision=bf16"]])  # what precision="auto" gives on native-bf16 CPUs
 def test_stopped_and_resumed_run_matches_uninterrupted_bit_for_bit(prepared, tmp_path, extra):
     full = make(prepared, tmp_path / "full", *extra)
     full.fit()

@@ -19,6 +19,7 @@ from tessera.core.metrics import peak_flops
 from tessera.core.model import Transformer
 from tessera.core.placement import LocalPlacement, resolve_device
 from tessera.core.seams import CheckpointStore, InitWeights, Placement, Task
+from tessera.core.speed import resolve
 from tessera.core.task import LanguageModelingTask
 from tessera.core.trainer import Trainer, TrainerParts
 
@@ -82,6 +83,9 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
     task = task or LanguageModelingTask(cfg)
     task.check(cfg, placement)
     device = placement.device
+    cfg, speed = resolve(cfg, device, placement.world_size, task.static_shapes)
+    if placement.rank == 0:
+        print(f"speed: {speed}", flush=True)
     configure_kernels(cfg, device)
     cfg = with_vocab(cfg, task.vocab_size, placement.rank == 0)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights

@@ -97,8 +97,8 @@ class TrainConfig:
     seq_len: int = 64
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # auto: bf16 where computed natively (core.speed)
+    compile: bool | Literal["auto"] = False  # auto: regional compilation of long one-process runs
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
 
 

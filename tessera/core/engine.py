@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from tessera.core.model import Block
+from tessera.core.speed import compile_blocks
 
 Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -48,7 +50,9 @@ class LocalEngine:
         self.precision = precision
         self.objective = objective
         self.metrics: dict[str, torch.Tensor] = {}  # the objective's metrics of the last batch
-        self._forward = torch.compile(model) if compile else model
+        self._forward = model
+        if compile:
+            compile_blocks(model, Block)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -65,6 +69,7 @@ class LocalEngine:
         return loss.detach()
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # a no-grad graph would be a second compilation for 20 batches
     def eval_loss(self, batch) -> torch.Tensor:
         self.model.eval()
         with self.autocast():

@@ -54,6 +54,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compiled blocks are for fixed-shape training steps, not a growing cache
 def generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],

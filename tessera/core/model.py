@@ -104,6 +104,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = Norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # see rope_window
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -131,21 +132,34 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final normed hidden states (B, S, d_model) for token ids `idx` (B, S)."""
         b, s = idx.shape
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + s, device=idx.device).expand(b, s)
+        start = cache.length if cache is not None else 0
         x = self.tok_emb(idx)
         rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+        if positions is None and self.pos_emb is None and start + s <= self.cfg.max_seq_len:
+            rope = self.rope_window(start, s, idx.device)
         else:
-            rope = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+            if positions is None:
+                positions = torch.arange(start, start + s, device=idx.device).expand(b, s)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(positions)
+            else:
+                rope = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
         x = self.drop(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope=rope, doc_ids=doc_ids, key_padding_mask=key_padding_mask, cache=cache, layer=i)
         if cache is not None:
             cache.advance(s)
         return self.norm(x)
+
+    def rope_window(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (1, 1, length, head_dim) of positions start.., sliced from tables of the whole context
+        built once per device (the same values `rope_tables` computes; not a buffer, so that casting
+        the model leaves them in fp32 and checkpoints do not hold them)."""
+        if self._rope is None or self._rope[0].device != device:
+            positions = torch.arange(self.cfg.max_seq_len, device=device)[None]
+            self._rope = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        cos, sin = self._rope
+        return cos[:, :, start : start + length], sin[:, :, start : start + length]
 
     def forward(self, idx, targets=None, positions=None, doc_ids=None, key_padding_mask=None,
                 cache=None, ignore_index: int = -100):

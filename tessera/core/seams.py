@@ -113,6 +113,7 @@ class Task(Protocol):
     tokenizer_files: tuple[Path, ...]  # copied into every checkpoint
     val_perplexity: bool  # the validation loss is a per-token NLL
     baseline_eval: bool  # evaluate at step 0, before any update
+    static_shapes: bool  # every batch has one shape (compile="auto" may compile)
     companions: dict[str, Engine]  # other trained models, checkpointed in the same step directory
     update: Update | None  # None: the trainer's gradient step on `objective`
 

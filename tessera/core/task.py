@@ -23,6 +23,7 @@ class BaseTask:
 
     val_perplexity = True
     baseline_eval = False  # evaluate before the first step (a fine-tuning stage's starting point)
+    static_shapes = False
     update: Update | None = None
 
     def __init__(self) -> None:
@@ -57,6 +58,8 @@ class BaseTask:
 
 class LanguageModelingTask(BaseTask):
     """Next-token prediction over shards prepared by `tessera data prepare`."""
+
+    static_shapes = True  # (batch_size, seq_len) windows
 
     def __init__(self, cfg: Config):
         super().__init__()

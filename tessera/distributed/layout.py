@@ -20,13 +20,13 @@ def check_layout(cfg: Config, dims: ParallelDims) -> None:
         if p.activation_checkpoint != "none" or p.mixed_precision != "none":
             raise ConfigError("parallel.activation_checkpoint and parallel.mixed_precision belong to the fsdp "
                               "engine; with deepspeed set them to 'none' (use train.precision='bf16')")
-        if cfg.train.compile:
-            raise ConfigError("train.compile is not supported with parallel.engine='deepspeed'; valid: false")
+        if cfg.train.compile is True:
+            raise ConfigError("train.compile is not supported with parallel.engine='deepspeed'; valid: false, auto")
         return
     if p.mixed_precision != "none" and not dims.fsdp:
         raise ConfigError("parallel.mixed_precision='bf16' is FSDP2's policy and needs parallel.dp_shard > 1; "
                           "for one process or DDP use train.precision='bf16'")
-    if p.mixed_precision != "none" and cfg.train.precision != "fp32":
+    if p.mixed_precision != "none" and cfg.train.precision == "bf16":
         raise ConfigError("parallel.mixed_precision and train.precision='bf16' both cast to bf16; "
                           "valid: one of them")
     if dims.tp > 1 and dims.ddp:

@@ -1,0 +1,112 @@
+"""How fast a run goes on the hardware it finds: `train.precision` and `train.compile` resolved
+from "auto", regional compilation of the transformer blocks, and torch's persistent compile cache.
+
+"auto" precision is bf16 autocast where the device computes bf16 natively (CUDA with bf16;
+a CPU with AVX512-BF16 or AMX, read from its flags at start-up), fp32 elsewhere: emulated
+bf16 is slower than fp32. "auto" compile compiles one process's fixed-shape runs of at least
+`COMPILE_MIN_STEPS` steps, where the one-off compilation is repaid.
+Compiled code is cached under `compile_cache_dir()`, so the second run of a recipe starts compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tessera.core.config import Config
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 (/proc/cpuinfo "flags")
+ARM_BF16_FLAGS = ("bf16",)  # aarch64 (/proc/cpuinfo "Features")
+COMPILE_MIN_STEPS = 1000  # below this a cold compilation (tens of seconds of g++ on a laptop CPU) is not repaid
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them; empty where there is no /proc/cpuinfo."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device, flags: Callable[[], frozenset[str]] = cpu_flags) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware (rather than emulating them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(flags() & {*CPU_BF16_FLAGS, *ARM_BF16_FLAGS})
+    return False
+
+
+def resolve(cfg: Config, device: torch.device, world_size: int, static_shapes: bool,
+            flags: Callable[[], frozenset[str]] = cpu_flags) -> tuple[Config, str]:
+    """`cfg` with train.precision and train.compile decided, and one line saying what was chosen and why.
+
+    Multi-rank runs take "auto" as fp32 and no compilation: their precision is FSDP's policy
+    (parallel.mixed_precision) or an explicit train.precision, and compiled blocks under FSDP's
+    hooks are not supported by this resolution."""
+    t = cfg.train
+    precision, why_precision = t.precision, "set"
+    if precision == "auto":
+        native = world_size == 1 and native_bf16(device, flags)
+        precision = "bf16" if native else "fp32"
+        why_precision = _precision_reason(device, world_size, native, flags)
+    compile_, why_compile = t.compile, "set"
+    if compile_ == "auto":
+        long_enough = t.steps >= COMPILE_MIN_STEPS
+        compile_ = world_size == 1 and static_shapes and long_enough and cfg.parallel.engine == "fsdp"
+        why_compile = ("regional, cache in " + str(compile_cache_dir()) if compile_ else
+                       "off: " + ("several ranks" if world_size > 1 else "shapes vary" if not static_shapes
+                                  else f"train.steps < {COMPILE_MIN_STEPS}"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, precision=precision, compile=compile_))
+    return cfg, f"precision {precision} ({why_precision}); compile {str(compile_).lower()} ({why_compile})"
+
+
+def _precision_reason(device: torch.device, world_size: int, native: bool,
+                      flags: Callable[[], frozenset[str]]) -> str:
+    if world_size > 1:
+        return "auto: several ranks; set train.precision or parallel.mixed_precision"
+    if device.type == "cpu":
+        found = sorted(flags() & {*CPU_BF16_FLAGS, *ARM_BF16_FLAGS})
+        return f"auto: CPU has {', '.join(found)}" if native else "auto: this CPU has no native bf16"
+    return f"auto: {device.type} {'has' if native else 'lacks'} native bf16"
+
+
+def compile_cache_dir() -> Path:
+    """Where torch keeps compiled code between runs: TORCHINDUCTOR_CACHE_DIR when the user set it,
+    else $TESSERA_CACHE_DIR/inductor, else $XDG_CACHE_HOME/tessera/inductor (~/.cache/tessera/inductor).
+    (torch itself exports its default, a per-user directory in /tmp, once it has looked it up.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch._inductor: seconds to import
+
+    torch_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if torch_dir and Path(torch_dir) != Path(default_cache_dir()):
+        return Path(torch_dir)
+    root = os.environ.get("TESSERA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tessera"
+    return Path(root) / "inductor"
+
+
+def compile_blocks(model: nn.Module, block_type: type[nn.Module]) -> None:
+    """Compile every `block_type` module of `model` in place (regional compilation): all blocks of
+    one shape share one graph, compiled once, and state-dict keys stay as they are. The persistent
+    FX-graph and AOTAutograd caches are kept on, in `compile_cache_dir()`."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    device = next(model.parameters()).device
+    # On CPU one C++ file per graph (cpp_wrapper) rather than one per kernel: about half the cold
+    # compilation (g++ runs, each with its own start-up) and less Python around the kernels.
+    options = {"cpp_wrapper": True} if device.type == "cpu" else {}
+    for module in model.modules():
+        if isinstance(module, block_type):
+            module.compile(options=options)

@@ -1,0 +1,89 @@
+"""`train.precision` and `train.compile` = "auto" resolve from the hardware as documented (the CPU's
+flags read through a mocked reader), explicit values are kept, and the compile cache has a known home."""
+import pytest
+import torch
+
+from tessera.core import speed
+from tessera.core.config import CONFIG_DIR as CONFIGS
+from tessera.core.config import ConfigError, load_config
+
+CPUINFO_X86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\nprocessor\t: 1\n"
+CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd {extra}\nCPU implementer\t: 0x41\n"
+
+
+def cfg(*overrides, steps=2000):
+    return load_config(None, [f"--train.steps={steps}", "--train.precision=auto", "--train.compile=auto", *overrides])
+
+
+def resolved(config, flags=frozenset(), world_size=1, static_shapes=True, device="cpu"):
+    out, line = speed.resolve(config, torch.device(device), world_size, static_shapes, flags=lambda: frozenset(flags))
+    return out.train.precision, out.train.compile, line
+
+
+@pytest.mark.parametrize("template,extra,expected", [
+    (CPUINFO_X86, "avx512_bf16 avx512_vnni", {"avx512_bf16"}),
+    (CPUINFO_X86, "amx_bf16 amx_tile", {"amx_bf16"}),
+    (CPUINFO_X86, "", set()),
+    (CPUINFO_ARM, "bf16 i8mm", {"bf16"}),
+])
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path, template, extra, expected):
+    path = tmp_path / "cpuinfo"
+    path.write_text(template.format(extra=extra))
+    flags = speed.cpu_flags(str(path))
+    assert flags & {"avx512_bf16", "amx_bf16", "bf16"} == expected
+    assert "fpu" in flags or "fp" in flags
+    assert speed.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx512_bf16"}, "bf16"), ({"amx_bf16", "avx512f"}, "bf16"),
+                                            ({"bf16"}, "bf16"), ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(flags, expected):
+    precision, _, line = resolved(cfg(), flags)
+    assert precision == expected
+    assert f"precision {expected}" in line
+    assert ("CPU has " + ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"}))) in line if expected == "bf16" \
+        else "no native bf16" in line
+
+
+def test_auto_precision_is_fp32_on_several_ranks_and_explicit_values_are_kept():
+    assert resolved(cfg(), {"avx512_bf16"}, world_size=2)[0] == "fp32"
+    assert resolved(cfg("--train.precision=fp32"), {"avx512_bf16"})[0] == "fp32"
+    assert resolved(cfg("--train.precision=bf16"), set())[0] == "bf16"
+
+
+def test_auto_compile_only_for_long_fixed_shape_single_process_runs():
+    long_run = cfg(steps=speed.COMPILE_MIN_STEPS)
+    assert resolved(long_run)[1] is True
+    assert resolved(cfg(steps=speed.COMPILE_MIN_STEPS - 1))[1] is False
+    assert resolved(long_run, static_shapes=False)[1] is False
+    assert resolved(long_run, world_size=2)[1] is False
+    assert resolved(cfg("--train.compile=false"))[1] is False
+    assert resolved(cfg("--train.compile=true", steps=10))[1] is True
+
+
+def test_compile_takes_true_false_and_auto_and_nothing_else(tmp_path):
+    path = tmp_path / "run.toml"
+    for text, expected in (("true", True), ("false", False), ('"auto"', "auto")):
+        path.write_text(f"[train]\ncompile = {text}\n")
+        assert load_config(path).train.compile == expected
+    recipe = load_config(CONFIGS / "shakespeare_char.toml")
+    assert recipe.train.compile == "auto" and recipe.train.precision == "auto"
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(None, ['--train.compile="yes"'])
+
+
+def test_compile_cache_dir_is_the_users_then_tesseras_then_xdg(monkeypatch, tmp_path):
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "TESSERA_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert speed.compile_cache_dir() == tmp_path / "home" / ".cache" / "tessera" / "inductor"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert speed.compile_cache_dir() == tmp_path / "xdg" / "tessera" / "inductor"
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path / "t"))
+    assert speed.compile_cache_dir() == tmp_path / "t" / "inductor"
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's own default, exported by torch
+    assert speed.compile_cache_dir() == tmp_path / "t" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert speed.compile_cache_dir() == tmp_path / "mine"
