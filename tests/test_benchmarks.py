@@ -32,3 +32,17 @@ def test_memory_benchmark_small(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads((tmp_path / "memory_ce_cpu.json").read_text())["rows"]
     assert row["fused_gb"] < row["unfused_gb"]
+
+
+def test_recipe_speed_benchmark_smoke(tmp_path):
+    """A few steps of the strong eager loop and of the recipe as `tessera train` runs it: one JSON line
+    per row (wall time, tokens/s, validation loss, the CPU) and the table against the eager loop."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe_speed.py"), "--steps", "12",
+                           "--rows", "eager_gpt2", "recipe_cold", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "recipe_speed.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["eager_gpt2", "recipe_cold"]
+    for r in rows:
+        assert r["wall_s"] > 0 and r["tokens_per_s"] > 0 and 0 < r["val_loss"] < 10 and r["cpu"]
+    assert "precision" in rows[1]["speed"] and "| recipe_cold |" in proc.stdout
