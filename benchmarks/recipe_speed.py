@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.train_throughput import ensure_data  # noqa: E402
 from tessera.core.metrics import read_metrics  # noqa: E402
 from tessera.core.speed import CPU_BF16_FLAGS, cpu_flags  # noqa: E402
 
@@ -103,6 +104,7 @@ def main() -> None:
                                                    "recipe_fp32_eager", "gpt2_fp32_eager", "no_native_bf16"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    ensure_data()  # the recipe's prepared Tiny Shakespeare, as scripts/demo.sh makes it
     cpu = cpu_description()
     rows = []
     with tempfile.TemporaryDirectory(prefix="tessera-speed-") as tmp:

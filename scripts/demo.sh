@@ -10,14 +10,14 @@ if [ ! -f "$data/manifest.json" ]; then
   tessera data prepare --input data/tinyshakespeare.txt --tokenizer "$data" --out "$data" --shard-tokens 100000
 fi
 start=$(date +%s.%N)
-tessera train configs/shakespeare_char.toml ${overrides[@]+"${overrides[@]}"}
+tessera train configs/shakespeare_char.toml --overwrite ${overrides[@]+"${overrides[@]}"}  # each demo is a fresh run
 end=$(date +%s.%N)
 tessera plot runs/shakespeare_char
 echo "--- sample ---"
 tessera generate --ckpt runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 500 --seed 1337
 # The whole training command timed, start-up, evaluation, checkpoints and any compilation included
 # (the first run of a recipe compiles; later ones find the compiled code in ~/.cache/tessera).
-python - "$start" "$end" <<'PY'
+if [ -f runs/shakespeare_char/metrics.jsonl ]; then python - "$start" "$end" <<'PY'
 import statistics, sys
 from tessera.core.config import load_config
 from tessera.core.metrics import read_metrics
@@ -28,3 +28,4 @@ print(f"--- speed ({t.precision}, compile {str(t.compile).lower()}) ---\ntrainin
       f"({t.steps * t.batch_size * t.seq_len / wall:,.0f} tokens/s over the whole command), "
       f"{statistics.median(rates):,.0f} tokens/s while training (median)")
 PY
+fi

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import sys
 
 import torch
@@ -146,3 +147,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # The results are written and the group is gone; skip the interpreter's teardown, where gloo's
+    # threads, still referenced by FSDP's meshes, abort about 1 run in 4 ("terminate called without an
+    # active exception"; seen at fecd12e too). Issue 16 (item 7) tracks the teardown itself.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -327,7 +327,7 @@ def test_demo_script_passes_its_arguments_to_train_not_to_pip(tmp_path):
     subprocess.run(["bash", str(scripts / "demo.sh"), "--train.steps=300"], cwd=tmp_path, env=env, check=True)
     lines = log.read_text().splitlines()
     assert lines[0] == "env.sh got []"
-    assert "tessera train configs/shakespeare_char.toml --train.steps=300" in lines
+    assert "tessera train configs/shakespeare_char.toml --overwrite --train.steps=300" in lines
 
 
 def test_job_registry_finds_by_id_or_newest_name(tmp_path):
