@@ -401,8 +401,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for k in reversed(keys):
             patch = {k: patch}
         patches.append(patch)
-    if any("preset" in (p.get("model") or {}) for p in patches if isinstance(p.get("model"), dict)) and \
-            isinstance(raw.get("model"), dict) and raw["model"]:
+    cli_preset = any(isinstance(p.get("model"), dict) and "preset" in p["model"] for p in patches)
+    if cli_preset and isinstance(raw.get("model"), dict):
         dropped = sorted(k for k in raw.pop("model") if k != "preset")
         if dropped:
             print(f"tessera: --model.preset replaces the model keys of {path}: {', '.join(dropped)}", file=sys.stderr)
