@@ -37,6 +37,11 @@ class CLIP(nn.Module):
         nn.init.normal_(self.image_proj.weight, 0.0, vision.d_model ** -0.5)
         nn.init.normal_(self.text_proj.weight, 0.0, text.d_model ** -0.5)
 
+    @property
+    def cfg(self) -> ModelConfig:
+        """The text tower's config: what a checkpoint's config.json holds (run_config.toml has the rest)."""
+        return self.text.cfg
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.vision(pixels)[1]), dim=-1)
 

@@ -105,6 +105,8 @@ class CLIPTask(BaseTask):
         if cfg.parallel.tp > 1 or cfg.parallel.engine != "fsdp":
             raise ConfigError(f"tessera clip runs on data parallelism (FSDP2/DDP): parallel.tp={cfg.parallel.tp} "
                               f"and parallel.engine={cfg.parallel.engine!r} are not supported; use tp = 1, engine = 'fsdp'")
+        if cfg.lora.r > 0:
+            raise ConfigError(f"lora.r={cfg.lora.r}: tessera clip trains every weight; set lora.r = 0")
 
     def build_model(self, cfg: Config, device: torch.device, init_weights: InitWeights | None) -> nn.Module:
         model = CLIP(cfg.vision, cfg.model, cfg.clip)
