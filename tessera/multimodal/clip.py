@@ -52,11 +52,11 @@ class CLIP(nn.Module):
 
     def forward(self, pixels: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None):
-        """(image embeddings, text embeddings, logit scale); a tower without input gives None.
+        """(image embeddings, text embeddings, logit scale (1,)); a tower without input gives None.
         One entry point, so that FSDP's hooks on the root gather the parameters whatever is encoded."""
         image = self.encode_image(pixels) if pixels is not None else None
         text = self.encode_text(input_ids, lengths) if input_ids is not None else None
-        return image, text, self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
+        return image, text, self.logit_scale.clamp(max=self.max_log_scale).exp()  # (1,): no view for FSDP to hook
 
 
 class GatherRows(torch.autograd.Function):
