@@ -33,7 +33,8 @@ def global_batch() -> dict[str, torch.Tensor]:
     return {"pixels": torch.randn(BATCH, 3, 8, 8, generator=g),
             "input_ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
             "lengths": torch.randint(1, SEQ + 1, (BATCH,), generator=g),
-            "caption_ids": torch.tensor([0, 1, 2, 2, 3, 4])}
+            "caption_ids": torch.tensor([0, 1, 2, 2, 3, 4]), "labels": torch.tensor([0, 2, 1, 1, 0, 2]),
+            "class_ids": torch.randint(0, VOCAB, (3, SEQ), generator=g), "class_lengths": torch.tensor([2, 5, 8])}
 
 
 def run(engine, batch: dict) -> dict:
@@ -60,7 +61,8 @@ def main() -> None:
     engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
     engine.objective = clip_objective
     per_rank = BATCH // env.world_size
-    out["fsdp"] = run(engine, {k: v[env.rank * per_rank:(env.rank + 1) * per_rank] for k, v in batch.items()})
+    rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)  # every rank has all the class prompts
+    out["fsdp"] = run(engine, {k: v if k.startswith("class_") else v[rows] for k, v in batch.items()})
     destroy()
     if env.rank == 0:  # after the group is gone: one process, no gathering
         out["reference"] = run(LocalEngine(reference, build_optimizer(reference, OPTIM, env.device), env.device,
