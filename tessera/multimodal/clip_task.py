@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from tessera.core.config import Config, ConfigError
+from tessera.core.data import DataError
 from tessera.core.data.samples import SampleLoader
 from tessera.core.seams import InitWeights, Placement
 from tessera.core.task import BaseTask
@@ -51,7 +52,7 @@ def read_image(path: Path, cfg) -> torch.Tensor:
             image = image.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
             pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"{path} cannot be read as an image: {e}") from None
+        raise DataError(f"{path} cannot be read as an image: {e}") from None
     pixels = pixels.view(cfg.image_size, cfg.image_size, 3).permute(2, 0, 1).float() / 255
     mean, std = torch.tensor(cfg.image_mean)[:, None, None], torch.tensor(cfg.image_std)[:, None, None]
     return (pixels - mean) / std
@@ -65,12 +66,15 @@ def read_pairs(folder: str, key: str, tokenizer: Tokenizer, cfg: Config) -> tupl
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
-                raise ConfigError(f"{path}:{n}: a row must be {{\"image\": NAME, \"caption\": TEXT}}")
+                raise DataError(f"{path}:{n}: a row must be {{\"image\": NAME, \"caption\": TEXT}}")
             rows.append(row)
     if not rows:
-        raise ConfigError(f"{path} holds no rows")
+        raise DataError(f"{path} holds no rows")
     labels = sorted({str(r["label"]) for r in rows}) if all("label" in r for r in rows) else []
     captions = {c: i for i, c in enumerate(sorted({r["caption"] for r in rows}))}
     samples = []
