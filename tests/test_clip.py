@@ -220,3 +220,18 @@ def test_tensor_parallel_is_refused(clip_data, tmp_path):
     cfg = load_config(None, clip_args(clip_data, tmp_path, "--parallel.tp=2"))
     with pytest.raises(Exception, match="parallel.tp=2"):
         CLIPTask(cfg).check(cfg, None)
+
+
+def test_vision_tower_from_hugging_face(clip_data, tmp_path):
+    """`vision.init_from = "hf:DIR"` gives the run the tower's architecture (and image normalisation) and
+    weights: the built model's image features are the SigLIP tower's pooled output."""
+    from test_multimodal_vision import hf_tower
+
+    reference = hf_tower("siglip", True, tmp_path / "hf")
+    trainer = make(clip_data, tmp_path / "run", f"--vision.init_from={json.dumps('hf:' + str(tmp_path / 'hf'))}")
+    vision = trainer.cfg.vision
+    assert (vision.pool, vision.image_size, vision.d_model, vision.activation) == ("map", 20, 32, "gelu_tanh")
+    pixels = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.engine.model.vision(pixels)[1], reference(pixel_values=pixels).pooler_output,
+                                   atol=1e-4, rtol=1e-4)
