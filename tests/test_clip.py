@@ -235,3 +235,8 @@ def test_vision_tower_from_hugging_face(clip_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(trainer.engine.model.vision(pixels)[1], reference(pixel_values=pixels).pooler_output,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_the_scenes_recipe_is_a_valid_config():
+    cfg = load_config(TESTS.parent / "configs" / "clip_scenes.toml")
+    assert (cfg.clip.val_path, cfg.vision.pool, cfg.train.seq_len) == ("data/scenes/val", "mean", 48)
