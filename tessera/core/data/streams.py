@@ -35,7 +35,10 @@ class _StreamDataset(IterableDataset):
         worker = info.id if info else 0
         logical = (worker + self.start) % n_workers  # the stream whose turn comes first after `start`
         skip = max(0, -(-(self.start - logical) // n_workers))
-        yield from self.streams.stream_batches(self.epoch, logical, skip)
+        try:
+            yield from self.streams.stream_batches(self.epoch, logical, skip)
+        except DataError as e:  # raised again by the main process, in one line, not wrapped in the worker's traceback
+            yield e, 0
 
 
 class ShardStreams:
@@ -120,6 +123,8 @@ class ShardStreams:
         while self.epochs is None or self.epoch < self.epochs:
             if self.batch < self.batches_per_epoch(self.epoch):
                 for batch, skipped in self._epoch(self.epoch, self.batch):
+                    if isinstance(batch, DataError):
+                        raise batch
                     self.batch += 1
                     self.skipped += int(skipped)
                     yield batch
