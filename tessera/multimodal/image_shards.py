@@ -153,8 +153,8 @@ def prepare_images(images: str | Path, captions: str | Path, out: str | Path, va
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    for stale in out.glob("*.tar"):
-        stale.unlink()
+    for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), *out.glob(".*.tar.tmp")]:
+        stale.unlink()  # shards of an earlier run; other files in `out` are left alone
     skipped: list[str] = []
     widths, heights = [], []
     splits = {}

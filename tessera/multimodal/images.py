@@ -60,7 +60,10 @@ def open_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS):
 
 def decode_rgb(data: bytes, where: str, max_pixels: int = MAX_PIXELS):
     """`data` decoded into an RGB Pillow image; a truncated or corrupt body is an ImageError too."""
-    image = open_image(data, where, max_pixels)
+    return _rgb(open_image(data, where, max_pixels), where)
+
+
+def _rgb(image, where: str):
     try:
         image.load()
         return image.convert("RGB")
@@ -73,7 +76,7 @@ def stored_bytes(data: bytes, where: str, max_pixels: int = MAX_PIXELS) -> tuple
     PNG and JPEG keep their original bytes, any other format Pillow reads becomes a PNG."""
     image = open_image(data, where, max_pixels)
     fmt = image.format
-    rgb = decode_rgb(data, where, max_pixels)
+    rgb = _rgb(image, where)
     if fmt in STORED_FORMATS:
         return data, STORED_FORMATS[fmt], rgb.size
     out = io.BytesIO()
