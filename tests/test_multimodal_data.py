@@ -115,6 +115,8 @@ def test_clip_and_siglip_transforms_match_transformers(shape):
         "pixel_values"][0], atol=tol, rtol=0)
     with pytest.raises(ValueError, match="valid: clip, siglip, imagenet"):
         preset("dino")
+    with pytest.raises(ValueError, match="std > 0"):
+        ImageTransform(std=(0.5, 0.0, 0.5))
 
 
 def test_prepare_images_writes_validated_shards_and_a_manifest(scenes, shards):
