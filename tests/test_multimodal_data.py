@@ -292,3 +292,23 @@ def test_cli_prepares_images_and_bad_input_is_one_line_exit_2(scenes, tmp_path, 
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("tessera: error: ") and err.count("\n") == 1
+
+
+def test_jpeg_is_stored_as_is_and_other_formats_as_png(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    pictures = {name: Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for name in "abc"}
+    pictures["a"].save(tmp_path / "img" / "a.jpg", format="JPEG")
+    pictures["b"].save(tmp_path / "img" / "b.bmp", format="BMP")
+    pictures["c"].convert("RGBA").save(tmp_path / "img" / "c.png", format="PNG")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"image": n, "caption": n}) + "\n"
+                                              for n in ("a.jpg", "b.bmp", "c.png")))
+    manifest = prepare_images(tmp_path / "img", tmp_path / "t.jsonl", tmp_path / "out", val_fraction=0.0,
+                              shard_samples=3)
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        stored = {m.name.split(".", 1)[1] for m in tar.getmembers()}
+    assert stored == {"jpg", "png", "json"}
+    batch = next(iter(ImageTextLoader(manifest, "train", 3, preset("siglip", 20), shuffle=False, epochs=1)))
+    for pixels, name in zip(batch["pixel_values"], batch["texts"]):
+        ref = reference_pixels(tmp_path / "img" / name, (0.5,) * 3, (0.5,) * 3)  # the JPEG as Pillow decodes it
+        np.testing.assert_allclose(pixels.numpy(), ref, atol=1e-5, rtol=0)
