@@ -470,7 +470,8 @@ def validate(cfg: Config) -> None:
     if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.pos == "rope" and m.head_dim % 2:
-        raise ConfigError(f"model.pos='rope' needs an even head dim; got {m.head_dim} (d_model/n_heads or attn_head_dim)")
+        raise ConfigError(f"model.pos='rope' needs an even head dim; got {m.head_dim} "
+                          "(d_model/n_heads, or attn_head_dim when set)")
     if t.seq_len > m.max_seq_len and not m.init_from:  # with init_from, checked once the source's size is known
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0.0 <= m.dropout < 1.0:

@@ -40,8 +40,8 @@ def architecture_of(cfg: ModelConfig) -> str:
         if cfg.kv_heads != cfg.n_heads:
             raise ConversionError(f"model.n_kv_heads={cfg.n_kv_heads}: GPT-2 has no grouped-query attention")
         if cfg.sliding_window or cfg.attn_head_dim not in (0, cfg.d_model // cfg.n_heads):
-            raise ConversionError(f"model.sliding_window={cfg.sliding_window}, model.attn_head_dim={cfg.attn_head_dim}: "
-                                  "GPT-2 has neither; valid: 0")
+            raise ConversionError(f"model.sliding_window={cfg.sliding_window}, "
+                                  f"model.attn_head_dim={cfg.attn_head_dim}: GPT-2 has neither; valid: 0")
         return "gpt2"
     raise ConversionError(f"model norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp} has no Hugging Face architecture; "
                           "valid: rmsnorm+rope+swiglu (Llama) or layernorm+learned+gelu (GPT-2)")
@@ -69,14 +69,16 @@ def _rope_fields(hf: dict) -> dict:
             raise _unsupported("rope_parameters.truncate", rope["truncate"], "true")
         if factor is None and original:
             factor = hf.get("max_position_embeddings", 2048) / original
-        fields.update(rope_beta_fast=float(rope.get("beta_fast") or 32.0), rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+        fields.update(rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+                      rope_beta_slow=float(rope.get("beta_slow") or 1.0),
                       rope_attention_factor=float(rope.get("attention_factor") or 0.0))
     if kind == "llama3":
         fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
                       rope_high_freq_factor=float(rope["high_freq_factor"]))
     if factor is None:
         raise _unsupported("rope_parameters.factor", None, "a number >= 1")
-    return {**fields, "rope_scaling": kind, "rope_factor": float(factor), "rope_original_max_seq_len": int(original or 0)}
+    return {**fields, "rope_scaling": kind, "rope_factor": float(factor),
+            "rope_original_max_seq_len": int(original or 0)}
 
 
 def _window_fields(hf: dict, arch: str, n_layers: int) -> dict:
@@ -223,7 +225,8 @@ def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
         pairs += [(ours + "attn_norm.weight", theirs + "input_layernorm.weight"),
                   (ours + "mlp_norm.weight", theirs + "post_attention_layernorm.weight")]
         pairs += [(f"{ours}{a}.weight", f"{theirs}{b}.weight") for a, b in linears.items()]
-        biased = linears if cfg.bias else {a: b for a, b in linears.items() if cfg.qkv_bias and a[-2:] in ("wq", "wk", "wv")}
+        qkv = {a: b for a, b in linears.items() if a in ("attn.wq", "attn.wk", "attn.wv")}
+        biased = linears if cfg.bias else qkv if cfg.qkv_bias else {}
         pairs += [(f"{ours}{a}.bias", f"{theirs}{b}.bias") for a, b in biased.items()]
     return pairs
 

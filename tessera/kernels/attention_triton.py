@@ -64,7 +64,8 @@ class _FlashAttention(torch.autograd.Function):
         else:
             doc, kdoc, doc_sb, kdoc_sb = q, q, 0, 0  # never read
         meta = dict(HEAD_DIM=d, CAUSAL=bool(causal), MASKED=masked, WINDOWED=window > 0,
-                    BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                    BLOCK_D=max(16, triton.next_power_of_2(d)),
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
         o = torch.empty_like(q)
         lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
         args = (doc, kdoc, d**-0.5, hq, sq, sk, hq // hkv, doc_sb, kdoc_sb, window)

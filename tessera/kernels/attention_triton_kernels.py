@@ -245,8 +245,8 @@ def delta_kernel(O, DO, DELTA, Sq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
 @triton.jit
 def _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k, k_lo, k_hi, start_n,
                 offs_n, lo, hi, qk_scale, Sq, Sk, off, WINDOW, DIAG: tl.constexpr, CAUSAL: tl.constexpr,
-                MASKED: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (keys x queries)
     tiles so both gradients are plain row blocks. Query rows past Sq load as zeros and add 0."""
     for start_m in range(lo, hi, BLOCK_M):

@@ -68,7 +68,7 @@ def _attention_workloads(dtype):
         for causal, masked, window in variants:
             _context.update(op="attention", dtype=str(dtype)[6:], D=str(d), causal=str(causal), masked=str(masked),
                             window=str(window))
-            q, k, v = _leaf(2, 4, 256, d, dtype=dtype), _leaf(2, 2, 256, d, dtype=dtype), _leaf(2, 2, 256, d, dtype=dtype)
+            q, k, v = (_leaf(2, h, 256, d, dtype=dtype) for h in (4, 2, 2))
             doc = torch.zeros(2, 256, dtype=torch.long) if masked else None
             kpm = torch.ones(2, 256, dtype=torch.bool) if masked else None
             out = attention_triton.attention_triton(q, k, v, causal, doc, kpm, window=window)
