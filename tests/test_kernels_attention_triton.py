@@ -80,10 +80,12 @@ def test_fp32_matches_float64(hq, hkv, sq, sk, d, causal):
 
 @pytest.mark.parametrize("hq, hkv, sq, sk, d, window", [
     (2, 1, 100, 100, 32, 7),     # window shorter than a tile, ragged last tile
-    (2, 2, 77, 77, 32, 45),      # window longer than a tile, not a multiple of it
+    (2, 2, 77, 77, 32, 45),      # window longer than a GPU fp32 tile (32), not a multiple of it
     (2, 2, 5, 70, 32, 20),       # decoding with a KV cache: the window counts back from each query
     (4, 2, 1, 41, 16, 9),        # single-token decode
     (2, 2, 64, 64, 32, 32),      # window exactly one tile
+    (1, 1, 150, 150, 16, 2),     # the band's last query row starts a tile of its own (interpreter tiles: 128 x 64)
+    (1, 1, 200, 200, 16, 80),    # window longer than the interpreter's tiles
 ])
 def test_sliding_window_matches_float64(hq, hkv, sq, sk, d, window):
     q, k, v, grad = inputs(2, hq, hkv, sq, sk, d, seed=sq + window)
