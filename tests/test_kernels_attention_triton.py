@@ -86,6 +86,7 @@ def test_fp32_matches_float64(hq, hkv, sq, sk, d, causal):
     (2, 2, 64, 64, 32, 32),      # window exactly one tile
     (1, 1, 150, 150, 16, 2),     # the band's last query row starts a tile of its own (interpreter tiles: 128 x 64)
     (1, 1, 200, 200, 16, 80),    # window longer than the interpreter's tiles
+    (1, 1, 330, 330, 16, 200),   # key tiles wholly inside the window: the unmasked middle stage
 ])
 def test_sliding_window_matches_float64(hq, hkv, sq, sk, d, window):
     q, k, v, grad = inputs(2, hq, hkv, sq, sk, d, seed=sq + window)
