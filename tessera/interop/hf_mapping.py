@@ -82,13 +82,14 @@ def _rope_fields(hf: dict) -> dict:
 
 
 def _window_fields(hf: dict, arch: str, n_layers: int) -> dict:
-    """Mistral: one window on every layer; Qwen2: on the layers `layer_types` (or max_window_layers) marks."""
+    """Mistral: one window on every layer (its model ignores layer_types); Qwen2: on the layers
+    `layer_types` (or max_window_layers) marks."""
     window = hf.get("sliding_window")
     if arch == "llama" or not window or (arch == "qwen2" and not hf.get("use_sliding_window", False)):
         return {}
-    if arch == "mistral" and "layer_types" not in hf:
+    if arch == "mistral":
         return {"sliding_window": int(window)}
-    default = min(hf.get("max_window_layers", 0) if arch == "qwen2" else 0, n_layers)
+    default = min(hf.get("max_window_layers", 0), n_layers)
     types = hf.get("layer_types") or ["full_attention"] * default + ["sliding_attention"] * (n_layers - default)
     start = types.index("sliding_attention") if "sliding_attention" in types else n_layers
     expected = ["full_attention"] * start + ["sliding_attention"] * (n_layers - start)
