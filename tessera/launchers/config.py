@@ -72,7 +72,7 @@ class JobConfig:
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    command: Literal["train", "sft", "rm", "dpo", "ppo", "grpo"] = "train"  # the stage that runs the recipe
+    command: Literal["train", "sft", "rm", "dpo", "ppo", "grpo", "clip"] = "train"  # the stage that runs the recipe
     path: str = ""  # its config, relative to the directory `tessera launch` runs in
     overrides: tuple[str, ...] = ()  # `--section.key=value` for the recipe
 

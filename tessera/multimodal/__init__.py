@@ -1,1 +1,1 @@
-"""Images as a first-class input: image data, vision encoders, contrastive and image-conditioned LM tasks."""
+"""Images as a first-class input: image data, vision encoders, and the contrastive and image-conditioned tasks."""
