@@ -8,6 +8,8 @@ DEEPSPEED = "deepspeed==0.19.8"
 # tessera.interop: ONNX export (torch's exporter needs onnxscript) and checking, HTTP serving.
 INTEROP = ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20", "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27",
            "prometheus-client>=0.20"]
+# tessera.multimodal: image decoding, and scikit-learn for its bundled handwritten digits.
+VISION = ["pillow>=10.1,<14", "scikit-learn>=1.3,<2"]
 
 setup(
     name="tessera",
@@ -38,8 +40,10 @@ setup(
         # ZeRO engine; on a CPU-only machine install with DS_BUILD_OPS=0 (scripts/env.sh does).
         "deepspeed": [DEEPSPEED],
         "interop": INTEROP,
+        "vision": VISION,
         "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2", TRITON,
-                 "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", "import-linter>=2.1", *INTEROP],
+                 "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", "import-linter>=2.1", *INTEROP,
+                 *VISION],
     },
     entry_points={"console_scripts": ["tessera=tessera.cli.main:main"]},
 )

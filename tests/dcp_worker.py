@@ -29,6 +29,8 @@ from tessera.distributed.env import destroy, init_distributed
 from tessera.distributed.mesh import ParallelDims
 from tessera.distributed.parallelize import parallelize
 
+STYLES = ("llama", "gpt2")  # the styles whose sharded checkpoints are tested
+
 HALF = 3  # steps before the checkpoint, and after it
 
 
@@ -76,7 +78,7 @@ def resume_single_process(ckpt: Path, style: str) -> tuple[list[float], dict | N
 
 def save_mode(root: Path, env) -> dict:
     results = {}
-    for style in MODELS:
+    for style in STYLES:
         r = results[style] = {}
         if env.rank == 0:
             ref, x, y = build(style, None, dataclasses.replace(env, world_size=1))
@@ -97,7 +99,7 @@ def save_mode(root: Path, env) -> dict:
 
 def load_mode(root: Path, env) -> dict:
     results = {}
-    for style in MODELS:
+    for style in STYLES:
         engine, x, y = build(style, ParallelConfig(dp_shard=env.world_size), env)
         extra = load_sharded(root / style / f"step_{HALF:06d}", engine.model, engine.optimizer)
         results[style] = {"fsdp": train(engine, x, y, HALF), "extra_is_none": extra is None}

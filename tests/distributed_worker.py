@@ -1,7 +1,7 @@
 """Trains a tiny model under several parallel layouts inside one torchrun launch.
 
 Usage: torchrun --nproc_per_node N tests/distributed_worker.py OUT.json LAYOUT [LAYOUT ...]
-Each layout trains both model styles for STEPS steps on the same global batch (each data-parallel
+Each layout trains the model styles for STEPS steps on the same global batch (each data-parallel
 rank takes its slice); rank 0 also trains the single-process reference and writes everything to
 OUT.json for tests/test_distributed.py to compare.
 """
@@ -32,7 +32,12 @@ BASE = dict(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, max_
 MODELS = {
     "llama": ModelConfig(**BASE, norm="rmsnorm", pos="rope", mlp="swiglu", d_ff=64),
     "gpt2": ModelConfig(**BASE, norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=False),
+    # Qwen2/Mistral knobs under tensor parallelism: heads of their own width, q/k/v biases, a window from layer 1
+    "qwen2": ModelConfig(**BASE, norm="rmsnorm", pos="rope", mlp="swiglu", d_ff=64, qkv_bias=True, attn_head_dim=12,
+                         sliding_window=5, window_from_layer=1, rope_scaling="yarn", rope_factor=2.0,
+                         rope_original_max_seq_len=8),
 }
+STYLE_LAYOUTS = {"qwen2": ("tp_sp", "fsdp_tp")}  # the layouts a style runs under (default: all)
 LAYOUTS = {  # name: parallel config fields
     "ddp": dict(dp_replicate=2, dp_shard=1),
     "fsdp": dict(dp_shard=2),
@@ -134,6 +139,8 @@ def main() -> None:
     # Layout-major, DeepSpeed last: ZeRO-3 patches torch functions for the rest of the process.
     for name in names:
         for style, model_cfg in MODELS.items():
+            if name not in STYLE_LAYOUTS.get(style, (name,)):
+                continue
             r = train(model_cfg, ParallelConfig(**LAYOUTS[name]), env)
             gathered = [None] * env.world_size
             dist.all_gather_object(gathered, {k: r[k] for k in ("local_param_numel", "local_state_numel")})

@@ -50,8 +50,8 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-@pytest.mark.parametrize("world,layout", LAYOUTS)
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("world,layout,style", [(w, name, style) for w, name in LAYOUTS for style in ("llama", "gpt2")]
+                         + [(2, "tp_sp", "qwen2"), (4, "fsdp_tp", "qwen2")])
 def test_layout_matches_single_process(runs, world, layout, style):
     run = runs[world]
     got, ref = run["layouts"][layout][style], run["reference"][style]

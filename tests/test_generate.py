@@ -8,6 +8,8 @@ from tessera.core.model import Transformer
 STYLES = {
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu"),
     "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_heads=1),
+    "mistral": dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_heads=1, sliding_window=6, qkv_bias=True,
+                    attn_head_dim=12),
 }
 
 

@@ -153,11 +153,11 @@ def test_unsupported_features_are_named(tmp_path):
     base = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
                                     intermediate_size=40, vocab_size=50).to_dict()
     with pytest.raises(ConversionError, match="rope_type"):
-        config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}})
+        config_from_hf({**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}})
     with pytest.raises(ConversionError, match="hidden_act"):
         config_from_hf({**base, "hidden_act": "gelu"})
     with pytest.raises(ConversionError, match="model_type"):
-        config_from_hf({"model_type": "mistral"})
+        config_from_hf({"model_type": "falcon"})
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps(base))

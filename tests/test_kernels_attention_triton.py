@@ -14,7 +14,7 @@ from tessera.kernels.attention_torch import attention_torch
 from tessera.kernels.attention_triton import attention_triton
 
 
-def reference(q, k, v, causal=True, doc_ids=None, key_padding_mask=None):
+def reference(q, k, v, causal=True, doc_ids=None, key_padding_mask=None, window=0):
     """float64 softmax(q k^T / sqrt(d)) v with an explicit mask and K/V repeated per query head."""
     sq, sk = q.shape[2], k.shape[2]
     rep = q.shape[1] // k.shape[1]
@@ -22,6 +22,8 @@ def reference(q, k, v, causal=True, doc_ids=None, key_padding_mask=None):
     pos = torch.arange(sq)[:, None] + sk - sq
     key = torch.arange(sk)[None, :]
     keep = (key <= pos) if causal else torch.ones(sq, sk, dtype=torch.bool)
+    if window:
+        keep = keep & (pos - key < window)
     keep = keep.expand(q.shape[0], 1, sq, sk)
     if doc_ids is not None:
         keep = keep & (doc_ids[:, None, -sq:, None] == doc_ids[:, None, None, :])
@@ -74,6 +76,36 @@ def test_registered_as_the_triton_attention():
 def test_fp32_matches_float64(hq, hkv, sq, sk, d, causal):
     q, k, v, grad = inputs(1, hq, hkv, sq, sk, d, seed=sq * d + hq)
     assert_matches_reference(q, k, v, grad, causal=causal)
+
+
+@pytest.mark.parametrize("hq, hkv, sq, sk, d, window", [
+    (2, 1, 100, 100, 32, 7),     # window shorter than a tile, ragged last tile
+    (2, 2, 77, 77, 32, 45),      # window longer than a GPU fp32 tile (32), not a multiple of it
+    (2, 2, 5, 70, 32, 20),       # decoding with a KV cache: the window counts back from each query
+    (4, 2, 1, 41, 16, 9),        # single-token decode
+    (2, 2, 64, 64, 32, 32),      # window exactly one tile
+    (1, 1, 150, 150, 16, 2),     # the band's last query row starts a tile of its own (interpreter tiles: 128 x 64)
+    (1, 1, 200, 200, 16, 80),    # window longer than the interpreter's tiles
+    (1, 1, 330, 330, 16, 200),   # key tiles wholly inside the window: the unmasked middle stage
+])
+def test_sliding_window_matches_float64(hq, hkv, sq, sk, d, window):
+    q, k, v, grad = inputs(2, hq, hkv, sq, sk, d, seed=sq + window)
+    got = assert_matches_reference(q, k, v, grad, window=window)
+    torch.testing.assert_close(got[0], attention_torch(q, k, v, window=window), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_with_documents_and_padding():
+    q, k, v, grad = inputs(2, 2, 2, 70, 70, 32, seed=3)
+    doc_ids = torch.cat([torch.zeros(2, 30), torch.ones(2, 40)], dim=1).long()
+    keep = torch.ones(2, 70, dtype=torch.bool)
+    keep[1, :11] = False
+    assert_matches_reference(q, k, v, grad, doc_ids=doc_ids, key_padding_mask=keep, window=13)
+
+
+def test_sliding_window_needs_causal():
+    q, k, v, _ = inputs(1, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="window"):
+        attention_triton(q, k, v, causal=False, window=4)
 
 
 @pytest.mark.parametrize("causal", [True, False])

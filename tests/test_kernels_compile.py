@@ -44,6 +44,8 @@ def test_every_variant_compiles(rows):
     assert {r["arch"] for r in rows} == set(SMEM_LIMIT)
     assert {"fwd_kernel", "dkdv_kernel", "dq_kernel", "delta_kernel", "_norm_fwd_kernel", "_norm_bwd_kernel",
             "_ce_kernel", "_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"} <= {r["kernel"] for r in rows}
+    windowed = {r["kernel"] for r in rows if "window=100" in r["label"]}
+    assert ATTENTION_DOTS <= windowed  # the sliding-window variants are among those compiled
     errors = [f"{describe(r)}: {r['error'][:300]}" for r in rows if "error" in r]
     assert not errors, "\n".join(errors)
     over = [f"{describe(r)}: {r['smem']} B" for r in rows if r["smem"] > SMEM_LIMIT[r["arch"]]]

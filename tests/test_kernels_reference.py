@@ -39,6 +39,44 @@ def test_causal_attention_with_gqa_and_decode_offsets(hq, hkv, sq, sk):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("hq, hkv, sq, sk, window", [(4, 2, 37, 37, 5), (2, 2, 23, 23, 30), (4, 1, 5, 29, 8),
+                                                   (2, 2, 1, 17, 3)])
+def test_sliding_window_attention(hq, hkv, sq, sk, window):
+    q, k, v = rand(2, hq, sq, 16), rand(2, hkv, sk, 16), rand(2, hkv, sk, 16)
+    out = kernels.attention(q, k, v, causal=True, window=window)
+    qpos = torch.arange(sq)[:, None] + sk - sq
+    kpos = torch.arange(sk)[None, :]
+    ref = naive_attention(q, k, v, ((kpos <= qpos) & (qpos - kpos < window))[None, None])
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+    low = kernels.attention(*(t.detach().bfloat16() for t in (q, k, v)), causal=True, window=window)
+    torch.testing.assert_close(low.double(), ref.detach(), atol=5e-2, rtol=5e-2)  # the bf16 CPU path masks alike
+
+
+def test_flash_attn_gets_the_window_in_its_own_convention(monkeypatch):
+    """flash-attn's window_size=(left, right) keeps keys j with i - left <= j <= i + right (bottom-right
+    aligned), per its documentation; a stand-in with those semantics must give the torch result."""
+    from tessera.kernels import attention_flash_attn
+
+    def flash_attn_func(q, k, v, dropout_p, causal, window_size):
+        sq, sk = q.shape[1], k.shape[1]
+        i = torch.arange(sq)[:, None] + sk - sq
+        j = torch.arange(sk)[None, :]
+        left, right = window_size
+        keep = (j <= i) if causal else torch.ones(sq, sk, dtype=torch.bool)
+        if left >= 0:
+            keep = keep & (j >= i - left) & (j <= i + right)
+        return naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep[None, None]).transpose(1, 2)
+
+    monkeypatch.setattr(attention_flash_attn, "flash_attn_func", flash_attn_func)
+    q, k, v = rand(1, 4, 9, 8, grad=False), rand(1, 2, 21, 8, grad=False), rand(1, 2, 21, 8, grad=False)
+    for window in (0, 1, 4):
+        got = attention_flash_attn.attention_flash_attn(q, k, v, causal=True, window=window)
+        torch.testing.assert_close(got, kernels.attention(q, k, v, causal=True, window=window))
+
+
 def test_document_masking_equals_separate_documents():
     lengths = [7, 12, 4]
     s = sum(lengths)

@@ -9,7 +9,8 @@ if torch.cuda.is_available():
 
 
 from tessera import kernels  # noqa: E402
-from tessera.core.model import rope_tables  # noqa: E402
+from tessera.core.config import ModelConfig  # noqa: E402
+from tessera.core.rope_scaling import rope_tables  # noqa: E402
 from tessera.kernels import dispatch, rope_torch, rope_triton, swiglu_torch, swiglu_triton  # noqa: E402
 
 ROPE = {"triton": rope_triton.rope_triton, "torch": rope_torch.rope_torch}
@@ -27,13 +28,14 @@ def swiglu_reference(gate, up):
     return gate / (1 + torch.exp(-gate)) * up
 
 
-def rope_inputs(shape, dtype, transposed):
-    """x (B, H, S, D), as the model's transposed q/k view or contiguous; fp32 tables (B, 1, S, D)."""
+def rope_inputs(shape, dtype, transposed, **scaling):
+    """x (B, H, S, D), as the model's transposed q/k view or contiguous; fp32 tables (B, 1, S, D)
+    of the RoPE that the ModelConfig knobs `scaling` describe."""
     b, h, s, d = shape
     x = torch.randn(b, s, h, d).transpose(1, 2) if transposed else torch.randn(b, h, s, d)
     x = x.to(dtype).requires_grad_()
     positions = torch.arange(s).expand(b, s) + torch.arange(b)[:, None] * 5  # rows start at different positions
-    cos, sin = rope_tables(d, positions, 10000.0)
+    cos, sin = rope_tables(ModelConfig(n_heads=1, d_model=d, pos="rope", **scaling), positions)
     return x, cos, sin
 
 
@@ -66,6 +68,20 @@ def test_rope_matches_float64(impl, shape, transposed):
     torch.manual_seed(shape[-1] + transposed)
     x, cos, sin = rope_inputs(shape, torch.float32, transposed)
     upstream = torch.randn(shape, dtype=torch.float64)
+    got = rope_outputs_and_grads(ROPE[impl], x, cos, sin, upstream)
+    want = rope_outputs_and_grads(rope_reference, double_leaf(x), cos.double(), sin.double(), upstream)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_rope_scaled_tables_match_float64(impl):
+    """YaRN tables: stretched frequencies and cos/sin scaled by the attention factor (not unit norm)."""
+    torch.manual_seed(11)
+    x, cos, sin = rope_inputs((2, 3, 37, 32), torch.float32, True, rope_scaling="yarn", rope_factor=4.0,
+                              rope_original_max_seq_len=16)
+    assert cos[0, 0, 0, 0].item() > 1.1  # the attention factor 0.1 ln 4 + 1 is in the tables
+    upstream = torch.randn(x.shape, dtype=torch.float64)
     got = rope_outputs_and_grads(ROPE[impl], x, cos, sin, upstream)
     want = rope_outputs_and_grads(rope_reference, double_leaf(x), cos.double(), sin.double(), upstream)
     for a, e in zip(got, want):

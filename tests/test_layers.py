@@ -33,6 +33,8 @@ def test_the_package_keeps_every_contract():
      "tessera.distributed.mesh -> tessera.alignment.lora"),
     ("alignment/rows.py", "from tessera.interop import quantize", "Layers: nothing imports a package above its own",
      "tessera.alignment.rows -> tessera.interop.quantize"),
+    ("multimodal/images.py", "from tessera.alignment import lora", "Layers: nothing imports a package above its own",
+     "tessera.multimodal.images -> tessera.alignment.lora"),
 ])
 def test_a_planted_upward_import_inside_a_function_breaks_the_build(tmp_path, module, planted, contract, edge):
     shutil.copytree(ROOT / "tessera", tmp_path / "tessera", ignore=shutil.ignore_patterns("__pycache__"))

@@ -6,7 +6,8 @@ import torch
 from tessera import kernels
 from tessera.core.config import ModelConfig, load_config
 from tessera.core.kv_cache import KVCache
-from tessera.core.model import Transformer, rope_tables
+from tessera.core.model import Transformer
+from tessera.core.rope_scaling import rope_tables
 
 
 def tiny(**kw):
@@ -16,6 +17,9 @@ def tiny(**kw):
 
 LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_heads=2, tie_embeddings=False, d_ff=48)
 GPT2 = dict(norm="layernorm", pos="learned", mlp="gelu", bias=True)
+# Mistral/Qwen2-style knobs: sliding window, q/k/v biases only, heads wider than d_model / n_heads, yarn RoPE
+WINDOWED = dict(LLAMA, sliding_window=5, qkv_bias=True, attn_head_dim=12, rope_scaling="yarn", rope_factor=4.0,
+                rope_original_max_seq_len=8)
 
 
 def test_gpt2_124m_has_the_original_parameter_count():
@@ -51,7 +55,7 @@ def test_init_scales_residual_projections():
 def test_rope_rotates_halves_and_preserves_norm():
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     pos = torch.arange(5).expand(2, 5)
-    cos, sin = rope_tables(8, pos, 10000.0)
+    cos, sin = rope_tables(ModelConfig(n_heads=1, d_model=8, pos="rope"), pos)
     y = kernels.rope(x, cos.double(), sin.double())
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     # position 0 is the identity; the first pair (dims 0 and 4) turns by angle = position
@@ -62,7 +66,7 @@ def test_rope_rotates_halves_and_preserves_norm():
     torch.testing.assert_close(y[:, :, p, 4], x[:, :, p, 4] * c + x[:, :, p, 0] * s)
 
 
-@pytest.mark.parametrize("style", [GPT2, LLAMA])
+@pytest.mark.parametrize("style", [GPT2, LLAMA, WINDOWED])
 def test_cached_forward_equals_full_forward(style):
     torch.manual_seed(1)
     model = Transformer(tiny(**style)).double().eval()
@@ -73,7 +77,7 @@ def test_cached_forward_equals_full_forward(style):
     torch.testing.assert_close(torch.cat(parts, dim=1), full)
 
 
-@pytest.mark.parametrize("style", [GPT2, LLAMA])
+@pytest.mark.parametrize("style", [GPT2, LLAMA, WINDOWED])
 def test_loss_and_gradients_match_plain_cross_entropy(style):
     torch.manual_seed(2)
     model = Transformer(tiny(**style)).double()
@@ -85,6 +89,28 @@ def test_loss_and_gradients_match_plain_cross_entropy(style):
     r = torch.autograd.grad(ref, list(model.parameters()))
     for a, b in zip(g, r):
         torch.testing.assert_close(a, b)
+
+
+def test_sliding_window_bounds_what_each_position_sees():
+    """With L layers of window W, position t reads tokens back to t - L (W - 1) and no further."""
+    torch.manual_seed(4)
+    model = Transformer(tiny(**WINDOWED)).double().eval()
+    idx = torch.randint(0, 53, (1, 30))
+    changed = idx.clone()
+    changed[0, 3] = (idx[0, 3] + 1) % 53
+    diff = (model(idx) - model(changed)).abs().amax(-1)[0]
+    reach = 3 + 2 * (5 - 1)
+    assert (diff[3 : reach + 1] > 1e-9).all()
+    assert (diff[reach + 1 :] == 0).all() and (diff[:3] == 0).all()
+
+
+def test_knobs_shape_the_attention_projections():
+    attn = Transformer(tiny(**WINDOWED)).layers[1].attn
+    assert attn.wq.weight.shape == (4 * 12, 32) and attn.wk.weight.shape == (2 * 12, 32)
+    assert attn.wq.bias is not None and attn.wv.bias is not None and attn.wo.bias is None
+    assert attn.window == 5
+    layers = Transformer(tiny(**dict(WINDOWED, window_from_layer=1))).layers
+    assert [blk.attn.window for blk in layers] == [0, 5]
 
 
 def test_packed_documents_give_the_same_logits_as_separate_runs():

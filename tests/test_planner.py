@@ -2,6 +2,7 @@
 the measured peak of real CPU training steps (run in fresh subprocesses by this same file)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -105,6 +106,14 @@ def test_param_counts_are_exact():
         assert count_params(cfg)["total"] == expected, name
     assert 8.0e9 < count_params(preset("llama-8b"))["total"] < 8.1e9
     assert 70.5e9 < count_params(preset("llama-70b"))["total"] < 70.6e9
+
+
+def test_param_counts_follow_head_width_and_qkv_biases():
+    """Qwen2-style q/k/v biases and heads wider than d_model / n_heads change the projection shapes."""
+    cfg = dataclasses.replace(preset("llama-125m"), attn_head_dim=96, qkv_bias=True)
+    d, q, kv, f, L, V = cfg.d_model, cfg.n_heads * 96, cfg.kv_heads * 96, cfg.ffn_dim, cfg.n_layers, cfg.vocab_size
+    block = 2 * d * q + 2 * d * kv + q + 2 * kv + 3 * d * f + 2 * d
+    assert count_params(cfg)["total"] == L * block + V * d * (1 if cfg.tie_embeddings else 2) + d
 
 
 def test_fsdp_divides_params_grads_and_optimizer_by_dp_shard():

@@ -25,13 +25,14 @@ from tessera.distributed.deepspeed_engine import DeepSpeedCheckpointer, DeepSpee
 from tessera.distributed.engine import DistributedEngine
 from tessera.distributed.placement import ParallelPlacement, placement_for
 from tessera.multimodal.clip_task import CLIPTask
+from tessera.multimodal.image_loader import ImageTextLoader
 
 IMPLEMENTATIONS = {
     seams.Placement: [LocalPlacement, ParallelPlacement, DeepSpeedPlacement],
     seams.Engine: [LocalEngine, DistributedEngine, DeepSpeedEngine],
     seams.CheckpointStore: [Checkpointer, ShardedCheckpointer, DeepSpeedCheckpointer],
     seams.MetricsWriter: [MetricsLogger, NullMetrics],
-    seams.BatchLoader: [StreamingLoader, SampleLoader],
+    seams.BatchLoader: [StreamingLoader, SampleLoader, ImageTextLoader],
     seams.Task: [LanguageModelingTask, SFTTask, RewardTask, DPOTask, RLTask, CLIPTask],
     seams.Update: [RLUpdate],
 }

@@ -1,4 +1,5 @@
-"""`tessera tokenizer train` and `tessera data prepare`: text in, a tokenizer and WebDataset shards out."""
+"""`tessera tokenizer train` and `tessera data prepare`: text in, a tokenizer and WebDataset shards out;
+`tessera data prepare-images | synth-scenes | digits`: images and their texts (tessera.multimodal)."""
 from __future__ import annotations
 
 import sys
@@ -36,6 +37,30 @@ def cmd_data_prepare(args) -> None:
     print(f"wrote {args.out}/manifest.json ({counts})")
 
 
+def cmd_prepare_images(args) -> None:
+    from tessera.multimodal.image_shards import prepare_images
+
+    m = prepare_images(args.images, args.captions, args.out, args.val_fraction, args.shard_samples, args.on_error)
+    counts = ", ".join(f"{k}: {m.samples(k):,} images in {len(v)} shards" for k, v in m.splits.items())
+    if m.skipped:
+        print(f"warning: skipped {m.skipped} unusable image(s), listed in the manifest", file=sys.stderr)
+    print(f"wrote {args.out}/manifest.json ({m.kind}; {counts}; {m.texts:,} texts)")
+
+
+def cmd_synth_scenes(args) -> None:
+    from tessera.multimodal.scenes import synth_scenes
+
+    out = synth_scenes(args.out, args.n, args.size, args.seed)
+    print(f"wrote {args.n} scenes to {out}/images with captions.jsonl, vqa.jsonl and scenes.jsonl")
+
+
+def cmd_digits(args) -> None:
+    from tessera.multimodal.digits import write_digits
+
+    out = write_digits(args.out, args.size)
+    print(f"wrote the scikit-learn digits to {out}/images with captions.jsonl and vqa.jsonl")
+
+
 def add_parsers(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train a character or byte-level BPE tokenizer"
                          ).add_subparsers(dest="action", required=True)
@@ -47,7 +72,7 @@ def add_parsers(sub) -> None:
     tt.add_argument("--out", required=True, help="directory for tokenizer.json")
     tt.set_defaults(func=cmd_tokenizer_train)
 
-    data = sub.add_parser("data", help="tokenize text into WebDataset shards").add_subparsers(dest="action",
+    data = sub.add_parser("data", help="prepare text or image data as WebDataset shards").add_subparsers(dest="action",
                                                                                           required=True)
     dp = data.add_parser("prepare", help="tokenize text into WebDataset shards")
     dp.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or directories")
@@ -59,3 +84,27 @@ def add_parsers(sub) -> None:
     dp.add_argument("--sample-tokens", type=int, default=4096)
     dp.add_argument("--text-field", default="text")
     dp.set_defaults(func=cmd_data_prepare)
+
+    pi = data.add_parser("prepare-images", help="images + captions or question/answer JSONL/CSV into WebDataset shards")
+    pi.add_argument("--images", required=True, help="directory the table's image paths are relative to")
+    pi.add_argument("--captions", required=True,
+                    help='.jsonl or .csv rows {"image", "caption"} or {"image", "question", "answer"}')
+    pi.add_argument("--out", required=True)
+    pi.add_argument("--val-fraction", type=float, default=0.1, help="share of the images held out (by path hash)")
+    pi.add_argument("--shard-samples", type=int, default=0,
+                    help="images per shard (default 0: sized so every split has at least 8 shards, at most 1000 each)")
+    pi.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                    help="an unusable image: stop naming it, or skip it and count it in the manifest")
+    pi.set_defaults(func=cmd_prepare_images)
+
+    ss = data.add_parser("synth-scenes", help="procedural images of coloured shapes with exact captions and Q/A")
+    ss.add_argument("--out", required=True)
+    ss.add_argument("--n", type=int, required=True, help="number of scenes")
+    ss.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ss.add_argument("--seed", type=int, default=0, help="same seed, same scenes; a held-out set is another seed")
+    ss.set_defaults(func=cmd_synth_scenes)
+
+    dg = data.add_parser("digits", help="scikit-learn's bundled handwritten digits as PNGs with captions and Q/A")
+    dg.add_argument("--out", required=True)
+    dg.add_argument("--size", type=int, default=32, help="image side in pixels, a multiple of 8")
+    dg.set_defaults(func=cmd_digits)

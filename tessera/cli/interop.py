@@ -42,7 +42,7 @@ def cmd_serve(args) -> None:
 def add_parsers(sub) -> None:
     cv = sub.add_parser("convert", help="Hugging Face <-> Tessera checkpoints").add_subparsers(dest="action",
                                                                                             required=True)
-    cf = cv.add_parser("from-hf", help="a Hugging Face Llama/GPT-2 directory -> a Tessera checkpoint")
+    cf = cv.add_parser("from-hf", help="a Hugging Face Llama/Mistral/Qwen2/GPT-2 directory -> a Tessera checkpoint")
     cf.add_argument("src", help="directory with config.json and safetensors weights")
     cf.add_argument("out")
     cf.set_defaults(func=cmd_convert)

@@ -40,8 +40,22 @@ class ModelConfig:
     norm_eps: float = 1e-5
     pos: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
+    # RoPE context extension (core/rope_scaling.py): the frequencies of a model pretrained on
+    # rope_original_max_seq_len tokens, stretched by rope_factor (Llama 3.1: llama3; YaRN: yarn).
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_original_max_seq_len: int = 0  # llama3 and yarn: the pretraining context
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float = 0.0  # yarn: scale of cos/sin; 0: 0.1 * ln(rope_factor) + 1
+    attn_head_dim: int = 0  # 0: d_model / n_heads; other values decouple head width from d_model
+    sliding_window: int = 0  # 0: full causal attention; N: a query sees its last N keys (itself included)
+    window_from_layer: int = 0  # layers from this index on use sliding_window (Qwen2's max_window_layers)
     mlp: Literal["gelu", "swiglu"] = "gelu"
     bias: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2); `bias` puts them everywhere
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
@@ -53,7 +67,11 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
+
+    def window_of(self, layer: int) -> int:
+        """The sliding window of layer `layer` (0: full causal attention)."""
+        return self.sliding_window if layer >= self.window_from_layer else 0
 
     @property
     def ffn_dim(self) -> int:
@@ -515,12 +533,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     if not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must each be in [0, 1)")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.d_model % m.n_heads and not m.attn_head_dim:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} "
+                          "(or set model.attn_head_dim)")
+    _validate_attention_extras(m)
     if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.pos == "rope" and m.head_dim % 2:
-        raise ConfigError(f"model.pos='rope' needs an even head dim; d_model/n_heads={m.head_dim}")
+        raise ConfigError(f"model.pos='rope' needs an even head dim; got {m.head_dim} "
+                          "(d_model/n_heads, or attn_head_dim when set)")
     if t.seq_len > m.max_seq_len and not m.init_from:  # with init_from, checked once the source's size is known
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0.0 <= m.dropout < 1.0:
@@ -535,6 +556,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.checkpoint_every={p.checkpoint_every} must be >= 1")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+
+
+def _validate_attention_extras(m: ModelConfig) -> None:
+    """Head width, sliding window and RoPE scaling: the knobs Mistral, Qwen2 and Llama 3.1 need."""
+    for key, value in {"model.attn_head_dim": m.attn_head_dim, "model.sliding_window": m.sliding_window,
+                       "model.window_from_layer": m.window_from_layer,
+                       "model.rope_original_max_seq_len": m.rope_original_max_seq_len}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0 (0: off)")
+    if m.window_from_layer and not m.sliding_window:
+        raise ConfigError(f"model.window_from_layer={m.window_from_layer} needs model.sliding_window > 0")
+    if m.rope_scaling == "none":
+        return
+    if m.pos != "rope":
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling!r} needs model.pos='rope'; valid with pos="
+                          f"{m.pos!r}: none")
+    if not m.rope_factor >= 1.0:
+        raise ConfigError(f"model.rope_factor={m.rope_factor} must be >= 1 (how much longer the context gets)")
+    if m.rope_scaling in ("llama3", "yarn") and not m.rope_original_max_seq_len:
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling!r} needs model.rope_original_max_seq_len > 0")
+    if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise ConfigError(f"model.rope_low_freq_factor={m.rope_low_freq_factor}, rope_high_freq_factor="
+                          f"{m.rope_high_freq_factor}: need 0 < low < high")
+    if m.rope_scaling == "yarn" and not (0 < m.rope_beta_slow <= m.rope_beta_fast and m.rope_attention_factor >= 0):
+        raise ConfigError(f"model.rope_beta_slow={m.rope_beta_slow}, rope_beta_fast={m.rope_beta_fast}, "
+                          f"rope_attention_factor={m.rope_attention_factor}: need 0 < slow <= fast, factor >= 0")
 
 
 SCHEDULE_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "optim.lr", "optim.min_lr",

@@ -2,7 +2,8 @@
 
 Plain PyTorch: attention, norms, RoPE, SwiGLU and the loss go through `tessera.kernels`, and
 parallelism is applied from outside by `tessera.distributed`. GPT-2 style is LayerNorm + learned
-positions + GELU (+ biases); Llama style is RMSNorm + RoPE + SwiGLU + grouped-query attention.
+positions + GELU (+ biases); Llama style is RMSNorm + RoPE + SwiGLU + grouped-query attention,
+with Mistral's sliding window, Qwen2's q/k/v biases, scaled RoPE and free head widths as knobs.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from tessera import kernels
 from tessera.core.config import ModelConfig
 from tessera.core.kv_cache import KVCache
+from tessera.core.rope_scaling import rope_tables
 
 
 class Norm(nn.Module):
@@ -30,14 +32,6 @@ class Norm(nn.Module):
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (B, 1, S, head_dim) for absolute `positions` (B, S)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)[:, None]
-    return angles.cos(), angles.sin()
-
-
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
     return x * torch.sigmoid(1.702 * x)
@@ -51,15 +45,16 @@ ACTIVATIONS = {  # the MLP's non-linearity by name (vision towers imported from 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool = True):
+    def __init__(self, cfg: ModelConfig, window: int = 0, causal: bool = True):
         super().__init__()
         self.causal = causal  # False: every position sees every other (vision encoders)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
-        self.dropout = cfg.dropout
+        self.dropout, self.window = cfg.dropout, window
 
     def forward(self, x, *, rope, doc_ids, key_padding_mask, cache: KVCache | None, layer: int):
         b, s, _ = x.shape
@@ -72,7 +67,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         y = kernels.attention(
             q, k, v, causal=self.causal, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, window=self.window,
         )
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
@@ -92,9 +87,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool = True, activation: str = "gelu_tanh"):
+    def __init__(self, cfg: ModelConfig, window: int = 0, causal: bool = True, activation: str = "gelu_tanh"):
         super().__init__()
-        self.attn_norm, self.attn = Norm(cfg), Attention(cfg, causal)
+        self.attn_norm, self.attn = Norm(cfg), Attention(cfg, window, causal)
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg, activation)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -115,7 +110,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, cfg.window_of(i)) for i in range(cfg.n_layers))
         self.norm = Norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # see rope_window
@@ -157,7 +152,7 @@ class Transformer(nn.Module):
             if self.pos_emb is not None:
                 x = x + self.pos_emb(positions)
             else:
-                rope = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+                rope = rope_tables(self.cfg, positions)
         x = self.drop(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope=rope, doc_ids=doc_ids, key_padding_mask=key_padding_mask, cache=cache, layer=i)
@@ -171,7 +166,7 @@ class Transformer(nn.Module):
         the model leaves them in fp32 and checkpoints do not hold them)."""
         if self._rope is None or self._rope[0].device != device:
             positions = torch.arange(self.cfg.max_seq_len, device=device)[None]
-            self._rope = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+            self._rope = rope_tables(self.cfg, positions)
         cos, sin = self._rope
         return cos[:, :, start : start + length], sin[:, :, start : start + length]
 

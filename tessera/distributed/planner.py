@@ -187,12 +187,12 @@ def _check(c: ModelConfig, gpus: int, lay: Layout) -> None:
 def layer_activation_bytes(c: ModelConfig, tokens: float, ac: str, act_b: int, mm_every: int = 1) -> float:
     """Bytes one layer saves for `tokens` tokens (ac "op": its input, the attention output and
     every `mm_every`-th matmul output, counted in forward order from the first)."""
-    d, kv, f = c.d_model, c.kv_heads * c.head_dim, c.ffn_dim
+    d, q, kv, f = c.d_model, c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.ffn_dim
     rms = c.norm == "rmsnorm"
-    qkv_out = d + 2 * kv + d  # q, k, v (after RoPE) and the attention output
+    qkv_out = q + 2 * kv + q  # q, k, v (after RoPE) and the attention output (heads can be wider than d)
     if ac == "op":  # block input, attention output; q, k, v, wo, up (+gate) and down outputs
-        matmuls = [d, kv, kv, d, *([f, f] if c.mlp == "swiglu" else [f]), d]
-        return tokens * ((2 * d + sum(matmuls[::mm_every])) * act_b + c.n_heads * 4)
+        matmuls = [q, kv, kv, d, *([f, f] if c.mlp == "swiglu" else [f]), d]
+        return tokens * ((d + q + sum(matmuls[::mm_every])) * act_b + c.n_heads * 4)
     norms = 2 * (d + (d if rms else 0))  # each norm's input (+ RMSNorm's normalized copy)
     mlp = (4 if c.mlp == "swiglu" else 2) * f
     stats = (1 if rms else 2) * 2 + c.n_heads  # norm statistics and log-sum-exp, fp32

@@ -50,7 +50,7 @@ def _staging(out: Path) -> Path:
 
 
 def convert_from_hf(src: str | Path, out: str | Path) -> Path:
-    """Write the Hugging Face Llama/GPT-2 model in `src` as a Tessera checkpoint directory `out`."""
+    """Write the Hugging Face Llama/Mistral/Qwen2/GPT-2 model in `src` as a Tessera checkpoint directory `out`."""
     src, out = Path(src), Path(out)
     hf_cfg = read_hf_config(src)
     arch, cfg = config_from_hf(hf_cfg)
@@ -96,8 +96,9 @@ def convert_to_hf(ckpt: str | Path, out: str | Path, max_shard_size: str = DEFAU
     tensors = weights_to_hf(read_tessera_tensors(ckpt), cfg)
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     hf_cfg = json.loads((ckpt / HF_CONFIG).read_text()) if (ckpt / HF_CONFIG).exists() else {}
-    hf_cfg.pop("torch_dtype", None)
-    hf_cfg.update(config_to_hf(cfg, dtype))
+    for stale in ("torch_dtype", "rope_scaling", "layer_types"):  # superseded by what config_to_hf writes
+        hf_cfg.pop(stale, None)
+    hf_cfg.update(config_to_hf(cfg, dtype, prefer=hf_cfg.get("model_type")))
     hf_cfg.update(_special_token_ids(ckpt))
     tmp = _staging(out)
     write_state_dict(tensors, tmp, parse_size(max_shard_size))

@@ -1,8 +1,10 @@
-"""Config and weight-name mapping between Tessera and Hugging Face Llama / GPT-2.
+"""Config and weight-name mapping between Tessera and Hugging Face Llama, Mistral, Qwen2 and GPT-2.
 
 Pure functions on dicts and tensors, so conversion never builds a model and keeps every
-tensor's dtype and bits. Both sides rotate the two halves of each head in RoPE (`rotate_half`),
-so Llama q/k rows need no permutation; GPT-2's `Conv1D` stores weights [in, out] and fuses
+tensor's dtype and bits. Llama, Mistral and Qwen2 share tensor names and differ in knobs Tessera
+has too: RoPE scaling (linear, llama3, yarn), sliding windows (Mistral: every layer; Qwen2: layers
+from max_window_layers on), q/k/v biases (Qwen2) and head_dim. Both sides rotate the two halves of
+each head in RoPE (`rotate_half`), so q/k rows need no permutation; GPT-2's `Conv1D` stores weights [in, out] and fuses
 q/k/v into `c_attn`, so those are transposed and split. A Hugging Face feature Tessera cannot
 reproduce raises `ConversionError` naming the config key.
 """
@@ -14,7 +16,10 @@ import torch
 
 from tessera.core.config import Config, ConfigError, ModelConfig, TrainConfig, validate
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel"}
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # one tensor layout; the model_type says which knobs exist
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation Tessera's GELU MLP uses
 
 
@@ -27,40 +32,91 @@ def _unsupported(key: str, value, valid: str) -> ConversionError:
 
 
 def architecture_of(cfg: ModelConfig) -> str:
-    """'llama' (RMSNorm + RoPE + SwiGLU) or 'gpt2' (LayerNorm + learned positions + GELU)."""
+    """'llama' (RMSNorm + RoPE + SwiGLU, and Mistral and Qwen2) or 'gpt2' (LayerNorm + learned positions + GELU)."""
     kind = (cfg.norm, cfg.pos, cfg.mlp)
     if kind == ("rmsnorm", "rope", "swiglu"):
         return "llama"
     if kind == ("layernorm", "learned", "gelu"):
         if cfg.kv_heads != cfg.n_heads:
             raise ConversionError(f"model.n_kv_heads={cfg.n_kv_heads}: GPT-2 has no grouped-query attention")
+        if cfg.sliding_window or cfg.attn_head_dim not in (0, cfg.d_model // cfg.n_heads):
+            raise ConversionError(f"model.sliding_window={cfg.sliding_window}, "
+                                  f"model.attn_head_dim={cfg.attn_head_dim}: GPT-2 has neither; valid: 0")
         return "gpt2"
     raise ConversionError(f"model norm={cfg.norm}, pos={cfg.pos}, mlp={cfg.mlp} has no Hugging Face architecture; "
                           "valid: rmsnorm+rope+swiglu (Llama) or layernorm+learned+gelu (GPT-2)")
 
 
-def _llama_config(hf: dict) -> ModelConfig:
+def _rope_fields(hf: dict) -> dict:
+    """ModelConfig RoPE fields of `rope_parameters` (transformers 5) or `rope_scaling` (4.x)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise _unsupported("rope_parameters.rope_type", kind, ", ".join(ROPE_TYPES))
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise _unsupported("partial_rotary_factor", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor")),
+                           "1.0")
+    fields = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return fields
+    original = rope.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    factor = rope.get("factor")
+    if kind == "yarn":
+        for key in ("mscale", "mscale_all_dim"):
+            if rope.get(key):
+                raise _unsupported(f"rope_parameters.{key}", rope[key], "unset (YaRN's attention factor from factor)")
+        if rope.get("truncate", True) is not True:
+            raise _unsupported("rope_parameters.truncate", rope["truncate"], "true")
+        if factor is None and original:
+            factor = hf.get("max_position_embeddings", 2048) / original
+        fields.update(rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+                      rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+                      rope_attention_factor=float(rope.get("attention_factor") or 0.0))
+    if kind == "llama3":
+        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]))
+    if factor is None:
+        raise _unsupported("rope_parameters.factor", None, "a number >= 1")
+    return {**fields, "rope_scaling": kind, "rope_factor": float(factor),
+            "rope_original_max_seq_len": int(original or 0)}
+
+
+def _window_fields(hf: dict, arch: str, n_layers: int) -> dict:
+    """Mistral: one window on every layer (its model ignores layer_types); Qwen2: on the layers
+    `layer_types` (or max_window_layers) marks."""
+    window = hf.get("sliding_window")
+    if arch == "llama" or not window or (arch == "qwen2" and not hf.get("use_sliding_window", False)):
+        return {}
+    if arch == "mistral":
+        return {"sliding_window": int(window)}
+    default = min(hf.get("max_window_layers", 0), n_layers)
+    types = hf.get("layer_types") or ["full_attention"] * default + ["sliding_attention"] * (n_layers - default)
+    start = types.index("sliding_attention") if "sliding_attention" in types else n_layers
+    expected = ["full_attention"] * start + ["sliding_attention"] * (n_layers - start)
+    if types != expected:
+        raise _unsupported("layer_types", types, "full_attention layers followed by sliding_attention layers")
+    return {"sliding_window": int(window), "window_from_layer": start} if start < n_layers else {}
+
+
+def _llama_config(hf: dict, arch: str) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise _unsupported("hidden_act", hf["hidden_act"], "silu")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise _unsupported("rope_parameters.rope_type", rope_type, "default (no RoPE scaling)")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported("partial_rotary_factor", rope["partial_rotary_factor"], "1.0")
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d_model // n_heads):
-        raise _unsupported("head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {d_model // n_heads}")
-    bias = hf.get("attention_bias", False)
-    if hf.get("mlp_bias", False) != bias:
-        raise _unsupported("mlp_bias", hf.get("mlp_bias"), f"equal to attention_bias={bias}")
+    head_dim = hf.get("head_dim") or d_model // n_heads
+    if arch == "qwen2":  # q/k/v biases always, none elsewhere
+        bias, qkv_bias = False, True
+    else:
+        bias, qkv_bias = hf.get("attention_bias", False), False
+        if hf.get("mlp_bias", False) != bias:
+            raise _unsupported("mlp_bias", hf.get("mlp_bias"), f"equal to attention_bias={bias}")
     return ModelConfig(
         vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_model=d_model, d_ff=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        pos="rope", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), mlp="swiglu",
-        bias=bias, tie_embeddings=hf.get("tie_word_embeddings", False),
+        pos="rope", mlp="swiglu", bias=bias, qkv_bias=qkv_bias, tie_embeddings=hf.get("tie_word_embeddings", False),
+        attn_head_dim=0 if head_dim * n_heads == d_model else head_dim,
         dropout=float(hf.get("attention_dropout", 0.0)), init_std=hf.get("initializer_range", 0.02),
+        **_rope_fields(hf), **_window_fields(hf, arch, hf["num_hidden_layers"]),
     )
 
 
@@ -84,11 +140,11 @@ def _gpt2_config(hf: dict) -> ModelConfig:
 
 
 def config_from_hf(hf: dict) -> tuple[str, ModelConfig]:
-    """The architecture ('llama' or 'gpt2') and the Tessera ModelConfig of a Hugging Face config.json."""
+    """The architecture (a key of ARCHITECTURES) and the Tessera ModelConfig of a Hugging Face config.json."""
     arch = hf.get("model_type")
     if arch not in ARCHITECTURES:
         raise _unsupported("model_type", arch, ", ".join(ARCHITECTURES))
-    cfg = _llama_config(hf) if arch == "llama" else _gpt2_config(hf)
+    cfg = _gpt2_config(hf) if arch == "gpt2" else _llama_config(hf, arch)
     try:
         validate(Config(model=cfg, train=TrainConfig(seq_len=1)))
     except ConfigError as e:
@@ -96,20 +152,63 @@ def config_from_hf(hf: dict) -> tuple[str, ModelConfig]:
     return arch, cfg
 
 
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """A transformers 5 config.json (also read by 4.x) for the Tessera model `cfg`."""
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "none":
+        return rope
+    rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling in ("llama3", "yarn"):
+        rope["original_max_position_embeddings"] = cfg.rope_original_max_seq_len
+    if cfg.rope_scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if cfg.rope_scaling == "yarn":
+        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attention_factor:
+            rope["attention_factor"] = cfg.rope_attention_factor
+    return rope
+
+
+def llama_family_type(cfg: ModelConfig, prefer: str | None = None) -> str:
+    """The Hugging Face model_type that can hold `cfg` ('llama', 'mistral' or 'qwen2'): `prefer` (the
+    source checkpoint's type) when it can, else the first that can."""
+    fits = {"llama": not cfg.sliding_window and (cfg.bias or not cfg.qkv_bias),
+            "mistral": not cfg.window_from_layer and not cfg.bias and not cfg.qkv_bias,
+            "qwen2": cfg.qkv_bias and not cfg.bias}
+    if fits.get(prefer):
+        return prefer
+    for name, ok in fits.items():
+        if ok:
+            return name
+    raise ConversionError(f"model.sliding_window={cfg.sliding_window} with window_from_layer={cfg.window_from_layer}, "
+                          f"bias={cfg.bias}, qkv_bias={cfg.qkv_bias} has no Hugging Face architecture; valid: a window "
+                          "on every layer without biases (Mistral) or from a layer on with q/k/v biases only (Qwen2)")
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, prefer: str | None = None) -> dict:
+    """A transformers 5 config.json for the Tessera model `cfg` (4.x reads it too, but not its RoPE
+    scaling); `prefer` is the model_type to keep when it can hold `cfg`."""
     arch = architecture_of(cfg)
+    if arch == "llama":
+        arch = llama_family_type(cfg, prefer)
     common = {"architectures": [ARCHITECTURES[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
               "dtype": str(dtype).removeprefix("torch."), "use_cache": True}
-    if arch == "llama":
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim,
-                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-                "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-                "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-                "rope_parameters": rope, "rope_theta": cfg.rope_theta, "attention_bias": cfg.bias,
-                "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout}
+    if arch != "gpt2":
+        out = {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim,
+               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+               "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+               "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+               "rope_parameters": _rope_to_hf(cfg), "rope_theta": cfg.rope_theta, "attention_dropout": cfg.dropout}
+        if arch == "llama":
+            out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+        elif arch == "mistral":
+            out["sliding_window"] = cfg.sliding_window or None
+        else:
+            out.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
+                       max_window_layers=cfg.window_from_layer if cfg.sliding_window else cfg.n_layers,
+                       layer_types=[("sliding_attention" if cfg.window_of(i) else "full_attention")
+                                    for i in range(cfg.n_layers)])
+        return out
     return {**common, "n_embd": cfg.d_model, "n_inner": cfg.ffn_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
             "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
@@ -126,8 +225,10 @@ def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         pairs += [(ours + "attn_norm.weight", theirs + "input_layernorm.weight"),
                   (ours + "mlp_norm.weight", theirs + "post_attention_layernorm.weight")]
-        for suffix in ("weight", "bias") if cfg.bias else ("weight",):
-            pairs += [(f"{ours}{a}.{suffix}", f"{theirs}{b}.{suffix}") for a, b in linears.items()]
+        pairs += [(f"{ours}{a}.weight", f"{theirs}{b}.weight") for a, b in linears.items()]
+        qkv = {a: b for a, b in linears.items() if a in ("attn.wq", "attn.wk", "attn.wv")}
+        biased = linears if cfg.bias else qkv if cfg.qkv_bias else {}
+        pairs += [(f"{ours}{a}.bias", f"{theirs}{b}.bias") for a, b in biased.items()]
     return pairs
 
 
@@ -188,7 +289,7 @@ def _gpt2_to_hf(t: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
 def weights_from_hf(arch: str, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Tessera-named tensors; a tied model gets `tok_emb.weight` only (Tessera's loader re-ties)."""
     t = dict(tensors)
-    if arch == "llama":
+    if arch != "gpt2":
         out = {ours: _take(t, theirs) for ours, theirs in _llama_pairs(cfg)}
         head, ignored = "lm_head.weight", ("rotary_emb.inv_freq",)
     else:

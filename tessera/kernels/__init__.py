@@ -27,12 +27,14 @@ else:
     )
 
 
-def attention(q, k, v, causal: bool = True, doc_ids=None, key_padding_mask=None, dropout_p: float = 0.0):
-    """softmax(q k^T / sqrt(d)) v with causal, packed-document and padding masks.
+def attention(q, k, v, causal: bool = True, doc_ids=None, key_padding_mask=None, dropout_p: float = 0.0,
+              window: int = 0):
+    """softmax(q k^T / sqrt(d)) v with causal, packed-document, padding and sliding-window masks.
 
     Packed sequences: `doc_ids` (B, S) labels each position's document, so samples packed into
-    one row never attend to each other; `doc_ids_from_cu_seqlens` converts varlen boundaries."""
-    return dispatch.resolve("attention", q.device)(q, k, v, causal, doc_ids, key_padding_mask, dropout_p)
+    one row never attend to each other; `doc_ids_from_cu_seqlens` converts varlen boundaries.
+    `window` > 0 (causal): each query sees only its `window` most recent keys, itself included."""
+    return dispatch.resolve("attention", q.device)(q, k, v, causal, doc_ids, key_padding_mask, dropout_p, window)
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):

@@ -7,6 +7,7 @@ points with cumulative sequence lengths; until they are wired, those calls are r
 """
 from __future__ import annotations
 
+from tessera.kernels.attention_torch import check_attention_args
 from tessera.kernels.dispatch import register
 
 try:
@@ -15,14 +16,16 @@ except ImportError:
     flash_attn_func = None
 
 
-def attention_flash_attn(q, k, v, causal=True, doc_ids=None, key_padding_mask=None, dropout_p=0.0):
+def attention_flash_attn(q, k, v, causal=True, doc_ids=None, key_padding_mask=None, dropout_p=0.0, window=0):
+    check_attention_args(q, k, doc_ids, causal, window)
     if doc_ids is not None or key_padding_mask is not None:
         raise NotImplementedError("the flash_attn backend does not take doc_ids or key_padding_mask yet; "
                                   "set kernels.attention = 'triton' or 'torch'")
     # flash-attn takes (B, S, H, D); grouped-query heads are native. Its causal mask is
-    # bottom-right aligned, as Tessera's is when Sq < Sk.
+    # bottom-right aligned, as Tessera's is when Sq < Sk. Its window counts the keys left of the
+    # query's own, so Tessera's window W (own key included) is (W - 1, 0); (-1, -1) is none.
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          dropout_p=dropout_p, causal=causal)
+                          dropout_p=dropout_p, causal=causal, window_size=(window - 1, 0) if window else (-1, -1))
     return out.transpose(1, 2)
 
 

@@ -2,7 +2,8 @@
 
 Shapes: q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D) with Hq a multiple of Hkv (grouped-query).
 When Sq < Sk (decoding with a KV cache) the causal mask is aligned to the bottom right:
-query i sits at absolute position Sk - Sq + i.
+query i sits at absolute position Sk - Sq + i. A sliding `window` W > 0 (causal only) keeps the
+W most recent keys of each query, its own included: key j is seen by query i when i - W < j <= i.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def build_mask(
     causal: bool,
     doc_ids: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, Sq, Sk), True where a query may attend, or None for no mask.
 
@@ -39,6 +41,8 @@ def build_mask(
     qpos = torch.arange(sq, device=device)[:, None] + offset
     kpos = torch.arange(sk, device=device)[None, :]
     mask = (kpos <= qpos) if causal else torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if window:
+        mask = mask & (kpos > qpos - window)
     mask = mask[None, None]
     if doc_ids is not None:
         mask = mask & (doc_ids[:, None, -sq:, None] == doc_ids[:, None, None, :])
@@ -61,8 +65,11 @@ def _attention_low_precision_cpu(q, k, v, mask, dropout_p):
     return (probs.to(v.dtype) @ v.unsqueeze(2)).reshape(b, hq, sq, d)
 
 
-def check_attention_args(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None) -> None:
-    """Shape errors every attention backend reports the same way."""
+def check_attention_args(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None, causal: bool = True,
+                         window: int = 0) -> None:
+    """Argument errors every attention backend reports the same way."""
+    if window < 0 or (window and not causal):
+        raise ValueError(f"window={window} must be >= 0 (0: none) and needs causal=True")
     hq, hkv = q.shape[1], k.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
@@ -78,18 +85,20 @@ def attention_torch(
     doc_ids: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    window: int = 0,
 ) -> torch.Tensor:
-    check_attention_args(q, k, doc_ids)
+    check_attention_args(q, k, doc_ids, causal, window)
     hq, hkv = q.shape[1], k.shape[1]
     sq, sk = q.shape[2], k.shape[2]
+    window = window if window < sk else 0  # a window as long as the keys hides nothing
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        mask = build_mask(sq, sk, q.device, causal, doc_ids, key_padding_mask)
+        mask = build_mask(sq, sk, q.device, causal, doc_ids, key_padding_mask, window)
         return _attention_low_precision_cpu(q, k, v, mask, dropout_p)
-    if doc_ids is None and key_padding_mask is None and (not causal or sq == sk):
+    if doc_ids is None and key_padding_mask is None and not window and (not causal or sq == sk):
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=hq != hkv
         )
-    mask = build_mask(sq, sk, q.device, causal, doc_ids, key_padding_mask)
+    mask = build_mask(sq, sk, q.device, causal, doc_ids, key_padding_mask, window)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=hq != hkv
     )

@@ -8,7 +8,8 @@ sequence length; bf16/fp16 inputs run their dots on tensor cores with fp32 accum
 Semantics match `attention_torch` (see `build_mask`): causal masks are aligned bottom-right
 when Sq < Sk; `doc_ids` (B or 1, Sk) keeps queries inside their packed document;
 `key_padding_mask` (B or 1, Sk) is False at padding keys; every query always keeps its own
-position. A mask of one row serves the whole batch, as it broadcasts in the torch path.
+position; a sliding `window` W keeps keys i - W < j <= i. A mask of one row serves the whole
+batch, as it broadcasts in the torch path.
 
 Handled in the kernels: causal and non-causal, grouped-query and multi-query heads (query head
 h reads kv head h // (Hq // Hkv); K/V are never repeated, and the dK/dV program of a kv head
@@ -53,7 +54,7 @@ def _documents(doc_ids, key_padding_mask, batch: int, sk: int, device):
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, doc_ids, key_padding_mask):
+    def forward(ctx, q, k, v, causal, doc_ids, key_padding_mask, window):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
@@ -62,11 +63,12 @@ class _FlashAttention(torch.autograd.Function):
             doc, kdoc, doc_sb, kdoc_sb = _documents(doc_ids, key_padding_mask, b, sk, q.device)
         else:
             doc, kdoc, doc_sb, kdoc_sb = q, q, 0, 0  # never read
-        meta = dict(HEAD_DIM=d, CAUSAL=bool(causal), MASKED=masked, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        meta = dict(HEAD_DIM=d, CAUSAL=bool(causal), MASKED=masked, WINDOWED=window > 0,
+                    BLOCK_D=max(16, triton.next_power_of_2(d)),
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
         o = torch.empty_like(q)
         lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
-        args = (doc, kdoc, d**-0.5, hq, sq, sk, hq // hkv, doc_sb, kdoc_sb)
+        args = (doc, kdoc, d**-0.5, hq, sq, sk, hq // hkv, doc_sb, kdoc_sb, window)
         kern.fwd_kernel[lambda m: (b * hq, triton.cdiv(sq, m["BLOCK_M"]))](q, k, v, o, lse, *args, **meta)
         ctx.save_for_backward(q, k, v, o, lse, doc, kdoc)
         ctx.meta, ctx.args = meta, args[2:]
@@ -87,7 +89,7 @@ class _FlashAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, dk, dv, *args, **meta)
         kern.dq_kernel[lambda m: (b * hq, triton.cdiv(sq, m["BLOCK_M"]))](
             q, k, v, do, lse, delta, dq, *args, **meta)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def attention_triton(
@@ -98,12 +100,13 @@ def attention_triton(
     doc_ids: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    window: int = 0,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v by the Triton kernels; same contract as `attention_torch`."""
-    check_attention_args(q, k, doc_ids)
+    check_attention_args(q, k, doc_ids, causal, window)
     if dropout_p > 0 or q.shape[-1] > MAX_HEAD_DIM or q.dtype not in KERNEL_DTYPES:
-        return attention_torch(q, k, v, causal, doc_ids, key_padding_mask, dropout_p)
-    return _FlashAttention.apply(q, k, v, causal, doc_ids, key_padding_mask)
+        return attention_torch(q, k, v, causal, doc_ids, key_padding_mask, dropout_p, window)
+    return _FlashAttention.apply(q, k, v, causal, doc_ids, key_padding_mask, window if window < k.shape[2] else 0)
 
 
 register("attention", "triton", attention_triton)

@@ -7,7 +7,9 @@ use exact ("ieee") fp32 dots on smaller tiles.
 Work skipping: a causal query tile first visits the key tiles it sees entirely (no mask math),
 then the tiles across its diagonal (masked); tiles past the diagonal are never loaded. With
 `doc_ids`, a tile pair whose document-id ranges do not meet is skipped (exact for any labelling;
-packed documents labelled in order skip all but the band around each document).
+packed documents labelled in order skip all but the band around each document). A sliding window
+W (WINDOWED) also drops the tiles entirely older than W keys, and masks the tiles across the band's
+lower edge like those across the diagonal, in the forward and in both backward kernels.
 
 Layout: q/o/dq (B, Hq, S, D) and k/v (B, Hkv, S, D) contiguous; batch*head is grid axis 0 (axes
 1 and 2 are limited to 65535) and every per-head base offset is int64. Masks arrive as two int32
@@ -57,7 +59,8 @@ def tuned(configs, masked_wide=None):
             return masked_wide
         return candidates
 
-    return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "MASKED"], prune_configs_by={"early_config_prune": prune})
+    return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL", "MASKED", "WINDOWED"],
+                           prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -106,13 +109,16 @@ def _key_docs(KDOC, offs_n, Sk, q_lo, q_hi, start_m, start_n, off, MASKED: tl.co
 
 
 @triton.jit
-def _keep(pos, n, doc_q, doc_k, Sk, DIAG: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+def _keep(pos, n, doc_q, doc_k, Sk, WINDOW, DIAG: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+          WINDOWED: tl.constexpr):
     """Where the query at position `pos` may attend key `n`, as `attention_torch.build_mask` says;
     arguments are index blocks shaped to broadcast, so the (M, N) and transposed tiles share it.
     Padding keys carry a document id no query has (see `attention_triton`)."""
     keep = n < Sk
     if CAUSAL and DIAG:
         keep = keep & (n <= pos)
+    if WINDOWED and DIAG:
+        keep = keep & (n > pos - WINDOW)
     if MASKED:
         keep = (keep & (doc_q == doc_k)) | (n == pos)
     return keep
@@ -120,9 +126,10 @@ def _keep(pos, n, doc_q, doc_k, Sk, DIAG: tl.constexpr, CAUSAL: tl.constexpr, MA
 
 @triton.jit
 def _fwd_stage(acc, l_i, m_i, q, k_base, v_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m, pos, lo, hi, qk_scale, Sk, off,
-               DIAG: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+               WINDOW, DIAG: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+               BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key tiles [lo, hi); DIAG tiles apply the causal and bounds masks."""
+    """Online softmax over key tiles [lo, hi); DIAG tiles apply the causal, window and bounds masks."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -132,8 +139,8 @@ def _fwd_stage(acc, l_i, m_i, q, k_base, v_base, DOC, KDOC, doc_q, q_lo, q_hi, s
             k = _load(k_base, offs_n, Sk, HEAD_DIM, BLOCK_D)
             s = dot(q, tl.trans(k), None, PRECISION) * qk_scale
             if DIAG or MASKED:
-                keep = _keep(pos[:, None], offs_n[None, :], doc_q[:, None], doc_k[None, :], Sk,
-                             DIAG, CAUSAL, MASKED)
+                keep = _keep(pos[:, None], offs_n[None, :], doc_q[:, None], doc_k[None, :], Sk, WINDOW,
+                             DIAG, CAUSAL, MASKED, WINDOWED)
                 s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no visible key yet must not compute inf - inf.
@@ -172,10 +179,20 @@ def _key_split(start_m, Sk, off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
     return full, hi
 
 
+@triton.jit
+def _window_split(start_m, off, WINDOW, full, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, band) of a query tile under a sliding window: key tiles before `lo` are older than every
+    query's window, those in [lo, band) cross the window's edge (masked), [band, full) lie inside it."""
+    lo = tl.maximum(start_m + off - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    band = tl.cdiv(tl.maximum(start_m + BLOCK_M + off - WINDOW, 0), BLOCK_N) * BLOCK_N
+    return lo, tl.maximum(tl.minimum(band, full), lo)
+
+
 @tuned(FWD_CONFIGS)
 @triton.jit
-def fwd_kernel(Q, K, V, O, LSE, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb,
-               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+def fwd_kernel(Q, K, V, O, LSE, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb, WINDOW,
+               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+               PRECISION: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (batch*head, query tile) program; the last query tiles (the longest causal rows) run first."""
     bh = tl.program_id(0)
@@ -195,12 +212,19 @@ def fwd_kernel(Q, K, V, O, LSE, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _key_split(start_m, Sk, off, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = 0
+    if WINDOWED:
+        lo, band = _window_split(start_m, off, WINDOW, full, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, K + kv_base, V + kv_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m,
+                                   pos, lo, band, qk_scale, Sk, off, WINDOW, True, CAUSAL, MASKED, WINDOWED, BLOCK_M,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION)
+        lo = band
     acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, K + kv_base, V + kv_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m, pos,
-                               0, full, qk_scale, Sk, off, False, CAUSAL, MASKED, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                               PRECISION)
+                               lo, full, qk_scale, Sk, off, WINDOW, False, CAUSAL, MASKED, WINDOWED, BLOCK_M, BLOCK_N,
+                               HEAD_DIM, BLOCK_D, PRECISION)
     acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, K + kv_base, V + kv_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m, pos,
-                               full, hi, qk_scale, Sk, off, True, CAUSAL, MASKED, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                               PRECISION)
+                               full, hi, qk_scale, Sk, off, WINDOW, True, CAUSAL, MASKED, WINDOWED, BLOCK_M, BLOCK_N,
+                               HEAD_DIM, BLOCK_D, PRECISION)
     # Rows past Sq, or causal rows before the first key (Sq > Sk), saw nothing: 0, not 0/0.
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     _store(O + bh.to(tl.int64) * Sq * HEAD_DIM, acc / l_i[:, None], offs_m, Sq, HEAD_DIM, BLOCK_D)
@@ -220,9 +244,9 @@ def delta_kernel(O, DO, DELTA, Sq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k, k_lo, k_hi, start_n,
-                offs_n, lo, hi, qk_scale, Sq, Sk, off, DIAG: tl.constexpr, CAUSAL: tl.constexpr,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                offs_n, lo, hi, qk_scale, Sq, Sk, off, WINDOW, DIAG: tl.constexpr, CAUSAL: tl.constexpr,
+                MASKED: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (keys x queries)
     tiles so both gradients are plain row blocks. Query rows past Sq load as zeros and add 0."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -239,7 +263,7 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k,
             p_t = tl.exp2(s_t - lse[None, :])
             if DIAG or MASKED:
                 keep = _keep(offs_m[None, :] + off, offs_n[:, None], doc_q[None, :], doc_k[:, None],
-                             Sk, DIAG, CAUSAL, MASKED)
+                             Sk, WINDOW, DIAG, CAUSAL, MASKED, WINDOWED)
                 p_t = tl.where(keep, p_t, 0.0)
             do = _load(do_base, offs_m, Sq, HEAD_DIM, BLOCK_D)
             dv = dot(round_cast(p_t, do.dtype), do, dv, PRECISION)
@@ -252,8 +276,9 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k,
 
 @tuned(DKDV_CONFIGS, DKDV_MASKED_WIDE)
 @triton.jit
-def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb, WINDOW,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+                PRECISION: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (batch*kv head, key tile) program. It walks every query head of its group, so grouped
     heads are summed in fp32 registers with no atomics and no repeated K/V."""
@@ -280,23 +305,33 @@ def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, KDOC, sm_scale, Hq, Sq, Sk
         lo = tl.maximum(start_n - off, 0) // BLOCK_M * BLOCK_M
         full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off, lo), Sq)
         full = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M
+    band = Sq  # queries in [full, band) see every key of the tile; those in [band, hi) its newest only
+    hi = Sq
+    if WINDOWED:
+        band = tl.maximum(tl.minimum(tl.maximum(start_n + WINDOW - off, 0) // BLOCK_M * BLOCK_M, Sq), full)
+        hi = tl.minimum(start_n + BLOCK_N + WINDOW - 1 - off, Sq)
     for g in range(0, GROUP):
         bh = (kv_bh * GROUP + g).to(tl.int64)
         q_base, lse_base = Q + bh * Sq * HEAD_DIM, LSE + bh * Sq
         do_base, delta_base = DO + bh * Sq * HEAD_DIM, DELTA + bh * Sq
         dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k, k_lo, k_hi,
-                             start_n, offs_n, lo, full, qk_scale, Sq, Sk, off, True, CAUSAL, MASKED, BLOCK_M, BLOCK_N,
-                             HEAD_DIM, BLOCK_D, PRECISION)
+                             start_n, offs_n, lo, full, qk_scale, Sq, Sk, off, WINDOW, True, CAUSAL, MASKED, WINDOWED,
+                             BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION)
         dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k, k_lo, k_hi,
-                             start_n, offs_n, full, Sq, qk_scale, Sq, Sk, off, False, CAUSAL, MASKED, BLOCK_M, BLOCK_N,
-                             HEAD_DIM, BLOCK_D, PRECISION)
+                             start_n, offs_n, full, band, qk_scale, Sq, Sk, off, WINDOW, False, CAUSAL, MASKED,
+                             WINDOWED, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION)
+        if WINDOWED:
+            dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k, k_lo, k_hi,
+                                 start_n, offs_n, band, hi, qk_scale, Sq, Sk, off, WINDOW, True, CAUSAL, MASKED,
+                                 WINDOWED, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION)
     _store(DK + kv_base, dk * sm_scale, offs_n, Sk, HEAD_DIM, BLOCK_D)
     _store(DV + kv_base, dv, offs_n, Sk, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _dq_stage(dq, q, do, lse, delta, k_base, v_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m, pos, lo, hi, qk_scale, Sk,
-              off, DIAG: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+              off, WINDOW, DIAG: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+              BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ = sum over key tiles [lo, hi) of dS K, recomputing P from the LSE."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -309,8 +344,8 @@ def _dq_stage(dq, q, do, lse, delta, k_base, v_base, DOC, KDOC, doc_q, q_lo, q_h
             s = dot(q, tl.trans(k), None, PRECISION) * qk_scale
             p = tl.exp2(s - lse[:, None])
             if DIAG or MASKED:
-                keep = _keep(pos[:, None], offs_n[None, :], doc_q[:, None], doc_k[None, :], Sk,
-                             DIAG, CAUSAL, MASKED)
+                keep = _keep(pos[:, None], offs_n[None, :], doc_q[:, None], doc_k[None, :], Sk, WINDOW,
+                             DIAG, CAUSAL, MASKED, WINDOWED)
                 p = tl.where(keep, p, 0.0)
             v = _load(v_base, offs_n, Sk, HEAD_DIM, BLOCK_D)
             dp = dot(do, tl.trans(v), None, PRECISION)
@@ -321,8 +356,9 @@ def _dq_stage(dq, q, do, lse, delta, k_base, v_base, DOC, KDOC, doc_q, q_lo, q_h
 
 @tuned(DQ_CONFIGS, DQ_MASKED_WIDE)
 @triton.jit
-def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb, WINDOW,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+              PRECISION: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (batch*head, query tile) program, longest causal rows first, like the forward."""
     bh = tl.program_id(0)
@@ -341,10 +377,17 @@ def dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROU
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _key_split(start_m, Sk, off, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = 0
+    if WINDOWED:
+        lo, band = _window_split(start_m, off, WINDOW, full, BLOCK_M, BLOCK_N)
+        dq = _dq_stage(dq, q, do, lse, delta, K + kv_base, V + kv_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m,
+                       offs_m + off, lo, band, sm_scale * LOG2E, Sk, off, WINDOW, True, CAUSAL, MASKED, WINDOWED,
+                       BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION)
+        lo = band
     dq = _dq_stage(dq, q, do, lse, delta, K + kv_base, V + kv_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m, offs_m + off,
-                   0, full, sm_scale * LOG2E, Sk, off, False, CAUSAL, MASKED, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                   PRECISION)
+                   lo, full, sm_scale * LOG2E, Sk, off, WINDOW, False, CAUSAL, MASKED, WINDOWED, BLOCK_M, BLOCK_N,
+                   HEAD_DIM, BLOCK_D, PRECISION)
     dq = _dq_stage(dq, q, do, lse, delta, K + kv_base, V + kv_base, DOC, KDOC, doc_q, q_lo, q_hi, start_m, offs_m + off,
-                   full, hi, sm_scale * LOG2E, Sk, off, True, CAUSAL, MASKED, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                   PRECISION)
+                   full, hi, sm_scale * LOG2E, Sk, off, WINDOW, True, CAUSAL, MASKED, WINDOWED, BLOCK_M, BLOCK_N,
+                   HEAD_DIM, BLOCK_D, PRECISION)
     _store(DQ + q_base, dq * sm_scale, offs_m, Sq, HEAD_DIM, BLOCK_D)

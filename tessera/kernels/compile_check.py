@@ -62,14 +62,17 @@ def _leaf(*shape, dtype):
 
 
 def _attention_workloads(dtype):
+    variants = [(causal, masked, 0) for causal in (True, False) for masked in (False, True)]
+    variants += [(True, masked, 100) for masked in (False, True)]  # sliding window (Mistral), causal only
     for d in (64, 128):
-        for causal in (True, False):
-            for masked in (False, True):
-                _context.update(op="attention", dtype=str(dtype)[6:], D=str(d), causal=str(causal), masked=str(masked))
-                q, k, v = _leaf(2, 4, 256, d, dtype=dtype), _leaf(2, 2, 256, d, dtype=dtype), _leaf(2, 2, 256, d, dtype=dtype)
-                doc = torch.zeros(2, 256, dtype=torch.long) if masked else None
-                kpm = torch.ones(2, 256, dtype=torch.bool) if masked else None
-                attention_triton.attention_triton(q, k, v, causal, doc, kpm).backward(torch.empty(2, 4, 256, d, dtype=dtype))
+        for causal, masked, window in variants:
+            _context.update(op="attention", dtype=str(dtype)[6:], D=str(d), causal=str(causal), masked=str(masked),
+                            window=str(window))
+            q, k, v = (_leaf(2, h, 256, d, dtype=dtype) for h in (4, 2, 2))
+            doc = torch.zeros(2, 256, dtype=torch.long) if masked else None
+            kpm = torch.ones(2, 256, dtype=torch.bool) if masked else None
+            out = attention_triton.attention_triton(q, k, v, causal, doc, kpm, window=window)
+            out.backward(torch.empty(2, 4, 256, d, dtype=dtype))
 
 
 def _other_workloads(dtype):

@@ -1,1 +1,1 @@
-"""Images as inputs: image data, vision encoders, and the contrastive and image-conditioned tasks."""
+"""Images as a first-class input: image data, vision encoders, and the contrastive and image-conditioned tasks."""

@@ -1,19 +1,11 @@
 """A streaming, resumable loader of (input, target) token batches from WebDataset shards.
 
-Determinism is the design constraint: the batches of an epoch are a pure function of
-(seed, epoch, rank, world size, worker count), so the loader's state is two integers and a
-resumed run replays exactly the batches an uninterrupted run would have seen.
-
-Each epoch the shard list is shuffled with a seed that depends on the epoch, then dealt
-round-robin to world_size x num_workers streams. A stream concatenates its shards' tokens,
-cuts them into (seq_len + 1)-token windows, shuffles the windows through a buffer and batches
-them. Every stream yields the same number of batches (the smallest stream's count, known from
-the manifest), so ranks never wait on each other at the end of an epoch; the few windows the
-larger streams hold beyond that are left out of that epoch.
+A stream concatenates its shards' tokens and cuts them into (seq_len + 1)-token windows; the
+dealing of shards to rank x worker streams, the shuffling, batching and the two-integer state
+are `streams.ShardStreams`'.
 """
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tessera.core.data.manifest import DataError, Manifest, Shard
+from tessera.core.data.streams import ShardStreams
 
 
 class ShardReader:
@@ -83,24 +75,10 @@ def reason(error: BaseException) -> str:
     return type(error).__name__
 
 
-class _StreamDataset(IterableDataset):
-    """The batches of one epoch for every stream of one rank; runs in DataLoader workers."""
+class StreamingLoader(ShardStreams):
+    """Batches of (input, target) token windows for one rank, dealt by `ShardStreams`."""
 
-    def __init__(self, loader: "StreamingLoader", epoch: int, start: int):
-        self.loader, self.epoch, self.start = loader, epoch, start
-
-    def __iter__(self):
-        info = get_worker_info()
-        n_workers = info.num_workers if info else 1
-        worker = info.id if info else 0
-        logical = (worker + self.start) % n_workers  # the stream whose turn comes first after `start`
-        skip = max(0, -(-(self.start - logical) // n_workers))
-        yield from self.loader.stream_batches(self.epoch, logical, skip)
-
-
-class StreamingLoader:
-    """Batches of (input, target) token windows for one rank; iterate it for an endless stream
-    (or `epochs` passes), and save `state_dict()` with every checkpoint."""
+    fewer_shards_hint = "re-prepare with a smaller --shard-tokens or use fewer workers"
 
     def __init__(
         self,
@@ -117,112 +95,23 @@ class StreamingLoader:
         on_error: str = "raise",
         epochs: int | None = None,
     ):
-        self.manifest, self.split = manifest, split
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
-        self.epochs = epochs
-        self.epoch, self.batch = 0, 0
+        super().__init__(manifest.shards(split), f"{split} split of {manifest.root}", batch_size, rank, world_size,
+                         num_workers, seed, shuffle, shuffle_buffer, epochs)
+        self.manifest, self.split, self.seq_len = manifest, split, seq_len
         self.reader = ShardReader(manifest, on_error)
-        self.skipped = 0
+        self.too_small_reason = (f"a stream holds fewer than batch_size={batch_size} windows of "
+                                 f"seq_len+1={seq_len + 1} tokens")
         self.batches_per_epoch(0)  # fail now, not mid-run, when the data cannot feed every stream
 
-    @property
-    def streams_per_rank(self) -> int:
-        return max(1, self.num_workers)
+    def items(self, shards: list[Shard]) -> Iterator[np.ndarray]:
+        return self.reader.windows(shards, self.seq_len + 1)
 
-    @property
-    def n_streams(self) -> int:
-        return self.world_size * self.streams_per_rank
+    def batches_in(self, shards: list[Shard]) -> int:
+        return sum(s.tokens for s in shards) // (self.seq_len + 1) // self.batch_size
 
-    def assignment(self, epoch: int) -> list[list[Shard]]:
-        """The shards of every stream (all ranks) in `epoch`."""
-        shards = list(self.manifest.shards(self.split))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
-        if len(shards) < self.n_streams:
-            raise DataError(
-                f"{self.split} split of {self.manifest.root} has {len(shards)} shard(s) but "
-                f"{self.world_size} rank(s) x {self.streams_per_rank} worker(s) need at least "
-                f"{self.n_streams}: re-prepare with a smaller --shard-tokens or use fewer workers"
-            )
-        return [shards[i :: self.n_streams] for i in range(self.n_streams)]
+    def errors_seen(self) -> int:
+        return self.reader.skipped
 
-    def batches_per_epoch(self, epoch: int) -> int:
-        window = self.seq_len + 1
-        counts = [sum(s.tokens for s in stream) // window // self.batch_size for stream in self.assignment(epoch)]
-        if min(counts) == 0:
-            raise DataError(
-                f"{self.split} split of {self.manifest.root} is too small: a stream holds fewer than "
-                f"batch_size={self.batch_size} windows of seq_len+1={window} tokens"
-            )
-        return min(counts) * self.streams_per_rank
-
-    def reset(self) -> None:
-        self.epoch, self.batch = 0, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
-                "num_workers": self.num_workers, "seed": self.seed}
-
-    def resumable_from(self, state: dict) -> bool:
-        """Whether `state` came from a loader with this one's layout, so its order can be replayed."""
-        return all(state[k] == getattr(self, k) for k in ("world_size", "num_workers", "seed"))
-
-    def load_state_dict(self, state: dict) -> None:
-        layout = {k: state[k] for k in ("world_size", "num_workers", "seed")}
-        mine = {k: getattr(self, k) for k in layout}
-        if layout != mine:
-            raise DataError(f"loader state was saved with {layout}, this run has {mine}: the data order cannot be resumed")
-        self.epoch, self.batch = state["epoch"], state["batch"]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while self.epochs is None or self.epoch < self.epochs:
-            if self.batch < self.batches_per_epoch(self.epoch):
-                for x, y, skipped in self._epoch(self.epoch, self.batch):
-                    self.batch += 1
-                    self.skipped += int(skipped)
-                    yield x, y
-            self.epoch, self.batch = self.epoch + 1, 0
-
-    def _epoch(self, epoch: int, start: int):
-        dataset = _StreamDataset(self, epoch, start)
-        if self.num_workers == 0:
-            return iter(dataset)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
-
-    def stream_batches(self, epoch: int, worker: int, skip: int):
-        """The batches of one (rank, worker) stream in `epoch`, after the first `skip`."""
-        index = self.rank * self.streams_per_rank + worker
-        shards = self.assignment(epoch)[index]
-        per_stream = self.batches_per_epoch(epoch) // self.streams_per_rank
-        rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        windows = self._passes(shards, rng)
-        reported_skips = self.reader.skipped
-        batch: list[np.ndarray] = []
-        produced = 0
-        for window in windows:
-            batch.append(window)
-            if len(batch) < self.batch_size:
-                continue
-            if produced >= skip:
-                data = torch.from_numpy(np.stack(batch).astype(np.int64))
-                yield data[:, :-1], data[:, 1:], self.reader.skipped - reported_skips
-                reported_skips = self.reader.skipped
-            batch, produced = [], produced + 1
-            if produced == per_stream:
-                return
-
-    def _passes(self, shards: list[Shard], rng: random.Random) -> Iterator[np.ndarray]:
-        """Shuffled passes over the stream's windows; a stream left short by skipped shards starts
-        another pass rather than stall its rank."""
-        while True:
-            windows = self.reader.windows(shards, self.seq_len + 1)
-            if self.shuffle:
-                windows = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(windows)
-            yielded = False
-            for w in windows:
-                yielded = True
-                yield w
-            if not yielded:
-                raise DataError(f"no readable windows in shards {[s.name for s in shards]}")
+    def collate(self, windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.from_numpy(np.stack(windows).astype(np.int64))
+        return data[:, :-1], data[:, 1:]
