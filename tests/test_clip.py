@@ -191,10 +191,11 @@ def test_clip_trains_evaluates_and_resumes_exactly(clip_data, tmp_path, one_thre
 
 @pytest.mark.parametrize("breakage,message", [
     ("no_captions", "must be a folder with captions.jsonl"),
-    ("not_an_image", "cannot be read as an image"),
+    ("not_an_image", "0003.png: not an image Pillow can read"),
     ("bad_row", "captions.jsonl:1: a row must be"),
     ("not_json", "captions.jsonl:2: not JSON"),
-    ("empty_image", "cannot be read as an image"),
+    ("empty_image", "0005.png: empty file (0 bytes)"),
+    ("missing_image", "0006.png cannot be read as an image"),
 ])
 def test_bad_data_is_one_clear_line(clip_data, tmp_path, capsys, breakage, message):
     train = write_folder(tmp_path / "data", 8, 2)
@@ -206,8 +207,10 @@ def test_bad_data_is_one_clear_line(clip_data, tmp_path, capsys, breakage, messa
         (train / "captions.jsonl").write_text('{"image": "0000.png"}\n')
     elif breakage == "not_json":
         (train / "captions.jsonl").write_text('{"image": "0000.png", "caption": "a"}\n{oops\n')
-    else:
+    elif breakage == "empty_image":
         (train / "images" / "0005.png").write_bytes(b"")
+    else:
+        (train / "images" / "0006.png").unlink()
     config = tmp_path / "clip.toml"
     config.write_text("")
     args = clip_args((train, clip_data[1], clip_data[2]), tmp_path / "run")
