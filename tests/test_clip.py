@@ -243,3 +243,23 @@ def test_vision_tower_from_hugging_face(clip_data, tmp_path):
 def test_the_scenes_recipe_is_a_valid_config():
     cfg = load_config(TESTS.parent / "configs" / "clip_scenes.toml")
     assert (cfg.clip.val_path, cfg.vision.pool, cfg.train.seq_len) == ("data/scenes/val", "mean", 48)
+
+
+def test_clip_streams_image_shards_and_resumes_exactly(clip_data, tmp_path, one_thread):
+    """data.path made by `prepare-images`: the shard loader's batches, its val split for evaluation
+    (Recall@K within each batch), and a resumed run that replays the uninterrupted one."""
+    from tessera.multimodal.image_shards import prepare_images
+
+    train, _, tokenizer = clip_data
+    shards = tmp_path / "shards"
+    prepare_images(train / "images", train / "captions.jsonl", shards, val_fraction=0.25, shard_samples=4)
+    args = [f"--data.path={json.dumps(str(shards))}", "--clip.val_path=''", "--train.batch_size=4", "--eval.batches=2"]
+    full = make(clip_data, tmp_path / "full", *args)
+    final = full.fit()
+    assert {"val_loss", "val_i2t_r1", "val_t2i_r5"} <= final.keys() and "val_zero_shot_acc" not in final
+    part = make(clip_data, tmp_path / "part", *args)
+    part.fit(stop_at=3)
+    resumed = make(clip_data, tmp_path / "part", "--checkpoint.resume=auto", *args)
+    resumed.fit()
+    assert logged(tmp_path / "part", "loss") == logged(tmp_path / "full", "loss")
+    assert logged(tmp_path / "part", "val_i2t_r1") == logged(tmp_path / "full", "val_i2t_r1")
