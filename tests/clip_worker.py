@@ -30,7 +30,7 @@ OPTIM = OptimConfig(lr=1e-2, eps=1e-6, impl="foreach")
 
 def global_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"pixels": torch.randn(BATCH, 3, 8, 8, generator=g),
+    return {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=g),
             "input_ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
             "lengths": torch.randint(1, SEQ + 1, (BATCH,), generator=g),
             "caption_ids": torch.tensor([0, 1, 2, 2, 3, 4]), "labels": torch.tensor([0, 2, 1, 1, 0, 2]),

@@ -191,10 +191,11 @@ def test_clip_trains_evaluates_and_resumes_exactly(clip_data, tmp_path, one_thre
 
 @pytest.mark.parametrize("breakage,message", [
     ("no_captions", "must be a folder with captions.jsonl"),
-    ("not_an_image", "cannot be read as an image"),
+    ("not_an_image", "0003.png: not an image Pillow can read"),
     ("bad_row", "captions.jsonl:1: a row must be"),
     ("not_json", "captions.jsonl:2: not JSON"),
-    ("empty_image", "cannot be read as an image"),
+    ("empty_image", "0005.png: empty file (0 bytes)"),
+    ("missing_image", "0006.png cannot be read as an image"),
 ])
 def test_bad_data_is_one_clear_line(clip_data, tmp_path, capsys, breakage, message):
     train = write_folder(tmp_path / "data", 8, 2)
@@ -206,8 +207,10 @@ def test_bad_data_is_one_clear_line(clip_data, tmp_path, capsys, breakage, messa
         (train / "captions.jsonl").write_text('{"image": "0000.png"}\n')
     elif breakage == "not_json":
         (train / "captions.jsonl").write_text('{"image": "0000.png", "caption": "a"}\n{oops\n')
-    else:
+    elif breakage == "empty_image":
         (train / "images" / "0005.png").write_bytes(b"")
+    else:
+        (train / "images" / "0006.png").unlink()
     config = tmp_path / "clip.toml"
     config.write_text("")
     args = clip_args((train, clip_data[1], clip_data[2]), tmp_path / "run")
@@ -240,3 +243,23 @@ def test_vision_tower_from_hugging_face(clip_data, tmp_path):
 def test_the_scenes_recipe_is_a_valid_config():
     cfg = load_config(TESTS.parent / "configs" / "clip_scenes.toml")
     assert (cfg.clip.val_path, cfg.vision.pool, cfg.train.seq_len) == ("data/scenes/val", "mean", 48)
+
+
+def test_clip_streams_image_shards_and_resumes_exactly(clip_data, tmp_path, one_thread):
+    """data.path made by `prepare-images`: the shard loader's batches, its val split for evaluation
+    (Recall@K within each batch), and a resumed run that replays the uninterrupted one."""
+    from tessera.multimodal.image_shards import prepare_images
+
+    train, _, tokenizer = clip_data
+    shards = tmp_path / "shards"
+    prepare_images(train / "images", train / "captions.jsonl", shards, val_fraction=0.25, shard_samples=4)
+    args = [f"--data.path={json.dumps(str(shards))}", "--clip.val_path=''", "--train.batch_size=4", "--eval.batches=2"]
+    full = make(clip_data, tmp_path / "full", *args)
+    final = full.fit()
+    assert {"val_loss", "val_i2t_r1", "val_t2i_r5"} <= final.keys() and "val_zero_shot_acc" not in final
+    part = make(clip_data, tmp_path / "part", *args)
+    part.fit(stop_at=3)
+    resumed = make(clip_data, tmp_path / "part", "--checkpoint.resume=auto", *args)
+    resumed.fit()
+    assert logged(tmp_path / "part", "loss") == logged(tmp_path / "full", "loss")
+    assert logged(tmp_path / "part", "val_i2t_r1") == logged(tmp_path / "full", "val_i2t_r1")

@@ -324,8 +324,9 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """Contrastive image-text pretraining (`tessera clip`, read by tessera.multimodal). data.path is a
-    folder of images with a captions.jsonl; data.tokenizer the text tower's tokenizer."""
+    """Contrastive image-text pretraining (`tessera clip`, read by tessera.multimodal). data.path is
+    image shards of `tessera data prepare-images` or a folder of images with a captions.jsonl;
+    data.tokenizer the text tower's tokenizer."""
 
     embed_dim: int = 64  # the shared embedding space of both towers
     temperature: float = 0.07  # initial; the logit scale 1/temperature is learned

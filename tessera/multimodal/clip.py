@@ -98,7 +98,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
 def clip_objective(model: nn.Module, batch: dict[str, torch.Tensor]):
     """The contrastive loss; in evaluation also Recall@1/5/10 both ways over the gathered batch and,
     when the batch carries class prompts, zero-shot classification accuracy."""
-    image, text, scale = model(batch["pixels"], batch["input_ids"], batch["lengths"])
+    image, text, scale = model(batch["pixel_values"], batch["input_ids"], batch["lengths"])
     loss = contrastive_loss(image, text, scale)
     metrics = {"logit_scale": scale.detach()}
     if not model.training:

@@ -1,26 +1,29 @@
 """`tessera clip`: CLIP pretraining as a trainer task (the `seams.Task` protocol), run by the one
 `build_trainer` and `Trainer.fit` like every other stage.
 
-Data: a folder with `captions.jsonl` rows {"image": NAME, "caption": TEXT, "label"?: CLASS}, the
-image at `images/NAME` (as `tessera data synth-scenes` writes it) or at `NAME`. The pairs are
-decoded once into memory by `read_pairs`, a small stand-in until the image shard loader of
-`tessera data prepare-images` takes its place: the task only needs an iterable of dict batches
-with "pixels" (B, C, H, W) float32, "input_ids" (B, S), "lengths" (B,) and "caption_ids" (B,).
+Data (`data.path`): image shards of `tessera data prepare-images` (streamed by `ImageTextLoader`,
+decoded in its workers), or a folder with `captions.jsonl` rows {"image": NAME, "caption": TEXT,
+"label"?: CLASS} and the images under `images/` (as `tessera data synth-scenes` writes it), decoded
+once into memory. Both decode with `images.decode_rgb` and the encoder's `ImageTransform` and
+tokenize with `CaptionTokens`; a batch is "pixel_values" (B, C, H, W), "input_ids" (B, S),
+"lengths" (B,) and "caption_ids" (B,): a hash of the caption, so identical captions count as the
+same text in retrieval on every rank.
 
-Evaluation scores the whole held-out folder (`clip.val_path`) as one batch per rank: contrastive
-loss, image<->text Recall@1/5/10 and, when its rows carry labels, zero-shot accuracy with
-`clip.prompt` for each class.
+Evaluation: a held-out folder (`clip.val_path`) is scored as one batch per rank (loss, image<->text
+Recall@1/5/10 over all of it and, when every row has a label, zero-shot accuracy with `clip.prompt`
+for each class); without one, the shards' val split, with Recall@K within each evaluation batch.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from tessera.core.config import Config, ConfigError
+from tessera.core.config import Config, ConfigError, VisionConfig
 from tessera.core.data import DataError
 from tessera.core.data.samples import SampleLoader
 from tessera.core.seams import InitWeights, Placement
@@ -28,6 +31,10 @@ from tessera.core.task import BaseTask
 from tessera.core.tokenizer import Tokenizer, load_tokenizer
 from tessera.multimodal.clip import CLIP, clip_objective
 from tessera.multimodal.hf_vision import load_vision_weights, vision_config_from_hf
+from tessera.multimodal.image_loader import ImageTextLoader
+from tessera.multimodal.image_shards import MANIFEST, read_image_manifest
+from tessera.multimodal.images import ImageTransform, decode_rgb
+from tessera.multimodal.text_tokens import CaptionTokens
 
 
 def clip_config(cfg: Config) -> Config:
@@ -37,32 +44,43 @@ def clip_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, vision=vision_config_from_hf(cfg.vision))
 
 
-def encode_caption(tokenizer: Tokenizer, text: str, seq_len: int) -> tuple[torch.Tensor, int]:
-    """(token row of `seq_len` ending the caption with EOS, right-padded; its length)."""
-    ids = tokenizer.encode(text)[: seq_len - 1] + [tokenizer.eos_id]
-    return torch.tensor(ids + [tokenizer.pad_id] * (seq_len - len(ids))), len(ids)
+def image_transform(vision: VisionConfig) -> ImageTransform:
+    """The encoder's preprocessing: its size, mean and std (shorter side resized, centre crop)."""
+    return ImageTransform(size=vision.image_size, mean=vision.image_mean, std=vision.image_std)
 
 
-def read_image(path: Path, cfg) -> torch.Tensor:
-    """An RGB image resized to the encoder's size and normalised with its mean and std, (C, H, W)."""
-    from PIL import Image, UnidentifiedImageError
+def caption_id(text: str) -> int:
+    """The same integer for the same caption in every process (Python's str hash is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
 
+
+class ClipBatch:
+    """A loader batch ("pixel_values", "texts") as the tensors `clip_objective` reads."""
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int):
+        self.tokens = CaptionTokens(tokenizer, seq_len)
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        tokens = self.tokens({"texts": batch["texts"]})
+        return {"pixel_values": batch["pixel_values"], "input_ids": tokens["input_ids"],
+                "lengths": tokens["attention_mask"].sum(dim=1),
+                "caption_ids": torch.tensor([caption_id(t) for t in batch["texts"]])}
+
+
+def read_image(path: Path, transform: ImageTransform) -> torch.Tensor:
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path} cannot be read as an image: {e}") from None
-    pixels = pixels.view(cfg.image_size, cfg.image_size, 3).permute(2, 0, 1).float() / 255
-    mean, std = torch.tensor(cfg.image_mean)[:, None, None], torch.tensor(cfg.image_std)[:, None, None]
-    return (pixels - mean) / std
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path} cannot be read as an image: {e.strerror}") from None
+    return transform(decode_rgb(data, str(path)))
 
 
-def read_pairs(folder: str, key: str, tokenizer: Tokenizer, cfg: Config) -> tuple[list[dict], list[str]]:
+def read_pairs(folder: str, key: str, transform: ImageTransform) -> tuple[list[dict], list[str]]:
     """(one sample per captions.jsonl row of `folder`, the sorted class labels its rows carry)."""
     path = Path(folder) / "captions.jsonl"
     if not path.is_file():
-        raise ConfigError(f"{key}={folder!r} must be a folder with captions.jsonl (and its images)")
+        raise ConfigError(f"{key}={folder!r} must be a folder with captions.jsonl (and its images), or "
+                          f"image shards of `tessera data prepare-images`")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -76,15 +94,13 @@ def read_pairs(folder: str, key: str, tokenizer: Tokenizer, cfg: Config) -> tupl
     if not rows:
         raise DataError(f"{path} holds no rows")
     labels = sorted({str(r["label"]) for r in rows}) if all("label" in r for r in rows) else []
-    captions = {c: i for i, c in enumerate(sorted({r["caption"] for r in rows}))}
     samples = []
     for row in rows:
         image = Path(folder) / "images" / row["image"]
-        ids, length = encode_caption(tokenizer, row["caption"], cfg.train.seq_len)
-        sample = {"pixels": read_image(image if image.exists() else Path(folder) / row["image"], cfg.vision),
-                  "input_ids": ids, "lengths": torch.tensor(length), "caption_ids": torch.tensor(captions[row["caption"]])}
+        sample = {"pixel_values": read_image(image if image.exists() else Path(folder) / row["image"], transform),
+                  "text": row["caption"]}
         if labels:
-            sample["labels"] = torch.tensor(labels.index(str(row["label"])))
+            sample["label"] = labels.index(str(row["label"]))
         samples.append(sample)
     return samples, labels
 
@@ -121,25 +137,42 @@ class CLIPTask(BaseTask):
         return model.to(device)
 
     def loaders(self, cfg: Config, dp_rank: int, dp_size: int):
-        train, _ = read_pairs(cfg.data.path, "data.path", self.tokenizer, cfg)
-        loader = SampleLoader(train, stack, cfg.train.batch_size, dp_rank, dp_size, seed=cfg.train.seed)
+        t, transform = cfg.train, image_transform(cfg.vision)
+        to_tensors = ClipBatch(self.tokenizer, t.seq_len)
+
+        def collate(samples: list[dict]) -> dict:
+            return to_tensors({"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+                               "texts": [s["text"] for s in samples]})
+
+        shards = (Path(cfg.data.path) / MANIFEST).is_file()
+        if shards:
+            manifest = read_image_manifest(cfg.data.path)
+            if manifest.kind != "captions":
+                raise ConfigError(f"data.path={cfg.data.path!r} holds {manifest.kind} shards; tessera clip needs captions")
+
+            def shard_loader(split: str, **kw) -> ImageTextLoader:
+                return ImageTextLoader(manifest, split, t.batch_size, transform, dp_rank, dp_size, cfg.data.num_workers,
+                                       seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
+                                       text_collate=to_tensors, **kw)
+
+            train = shard_loader("train")
+        else:
+            train = SampleLoader(read_pairs(cfg.data.path, "data.path", transform)[0], collate, t.batch_size,
+                                 dp_rank, dp_size, seed=t.seed)
         if not cfg.clip.val_path:
-            return loader, None
-        val, labels = read_pairs(cfg.clip.val_path, "clip.val_path", self.tokenizer, cfg)
+            has_val = shards and manifest.samples("val") > 0
+            return train, shard_loader("val", shuffle=False, epochs=1) if has_val else None
+        val, labels = read_pairs(cfg.clip.val_path, "clip.val_path", transform)
         rows = len(val) // dp_size
         if rows == 0:
             raise ConfigError(f"clip.val_path holds {len(val)} pairs: fewer than the {dp_size} data-parallel ranks")
-        classes = [encode_caption(self.tokenizer, cfg.clip.prompt.format(label=c), cfg.train.seq_len) for c in labels]
+        classes = CaptionTokens(self.tokenizer, t.seq_len)({"texts": [cfg.clip.prompt.format(label=c) for c in labels]})
 
         def with_classes(samples: list[dict]) -> dict:
-            batch = stack(samples)
-            if classes:
-                batch["class_ids"] = torch.stack([ids for ids, _ in classes])
-                batch["class_lengths"] = torch.tensor([n for _, n in classes])
+            batch = collate(samples)
+            if labels:
+                batch.update(class_ids=classes["input_ids"], class_lengths=classes["attention_mask"].sum(dim=1),
+                             labels=torch.tensor([s["label"] for s in samples]))
             return batch
 
-        return loader, SampleLoader(val, with_classes, rows, dp_rank, dp_size, shuffle=False, epochs=1)
-
-
-def stack(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        return train, SampleLoader(val, with_classes, rows, dp_rank, dp_size, shuffle=False, epochs=1)
