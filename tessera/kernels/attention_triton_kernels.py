@@ -45,16 +45,21 @@ DQ_MASKED_WIDE = _configs([(128, 32, 8, 2), (64, 32, 4, 2)])  # masked, D > 64: 
 # and dV in registers, and walks short query tiles; the document masks need the shortest.
 DKDV_CONFIGS = _configs([(32, 128, 8, 2), (16, 128, 8, 2)])
 DKDV_MASKED_WIDE = _configs([(16, 128, 8, 2)])
+# A sliding window at D > 64 adds the band's masks and bounds: 64-key programs keep dK/dV in registers.
+DKDV_WINDOWED_WIDE = _configs([(32, 64, 8, 2), (16, 64, 8, 2)])
 # fp32 tiles are twice the bytes and their dots run on CUDA cores: small tiles.
 FP32_CONFIGS = _configs([(32, 32, 4, 2)])
 
 
-def tuned(configs, masked_wide=None):
+def tuned(configs, masked_wide=None, windowed_wide=None):
     """triton.autotune over `configs` for 16-bit inputs, keyed by the variant; fp32 inputs take
-    FP32_CONFIGS, and masked variants with D > 64 take `masked_wide` when given."""
+    FP32_CONFIGS, windowed variants with D > 64 take `windowed_wide` and masked ones `masked_wide`
+    when given."""
     def prune(candidates, named_args, **kwargs):
         if named_args["Q"].dtype.itemsize == 4:
             return FP32_CONFIGS
+        if windowed_wide and kwargs["WINDOWED"] and kwargs["HEAD_DIM"] > 64:
+            return windowed_wide
         if masked_wide and kwargs["MASKED"] and kwargs["HEAD_DIM"] > 64:
             return masked_wide
         return candidates
@@ -274,7 +279,7 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC, doc_k,
     return dk, dv
 
 
-@tuned(DKDV_CONFIGS, DKDV_MASKED_WIDE)
+@tuned(DKDV_CONFIGS, DKDV_MASKED_WIDE, DKDV_WINDOWED_WIDE)
 @triton.jit
 def dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, KDOC, sm_scale, Hq, Sq, Sk, GROUP, doc_sb, kdoc_sb, WINDOW,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
