@@ -10,6 +10,10 @@ cuts them into (seq_len + 1)-token windows, shuffles the windows through a buffe
 them. Every stream yields the same number of batches (the smallest stream's count, known from
 the manifest), so ranks never wait on each other at the end of an epoch; the few windows the
 larger streams hold beyond that are left out of that epoch.
+
+The window length may change mid-run (progressive sequence length, `set_seq_len`): the epoch
+goes on at the new length from the batch that starts at about the same token of each stream,
+so a phase neither repeats nor skips much of the epoch, and the length is part of the state.
 """
 from __future__ import annotations
 
@@ -161,9 +165,19 @@ class StreamingLoader:
     def reset(self) -> None:
         self.epoch, self.batch = 0, 0
 
+    def set_seq_len(self, seq_len: int) -> None:
+        """Go on with windows of `seq_len` tokens, from the batch of the new length that starts where
+        this epoch's read tokens end (rounded up); iterate the loader anew afterwards."""
+        if seq_len == self.seq_len:
+            return
+        read = self.batch * (self.seq_len + 1)
+        self.seq_len = seq_len
+        self.batch = -(-read // (seq_len + 1))
+        self.batches_per_epoch(self.epoch)  # the data must hold a batch of the new length
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
-                "num_workers": self.num_workers, "seed": self.seed}
+                "num_workers": self.num_workers, "seed": self.seed, "seq_len": self.seq_len}
 
     def resumable_from(self, state: dict) -> bool:
         """Whether `state` came from a loader with this one's layout, so its order can be replayed."""
@@ -175,6 +189,7 @@ class StreamingLoader:
         if layout != mine:
             raise DataError(f"loader state was saved with {layout}, this run has {mine}: the data order cannot be resumed")
         self.epoch, self.batch = state["epoch"], state["batch"]
+        self.seq_len = state.get("seq_len", self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while self.epochs is None or self.epoch < self.epochs:
