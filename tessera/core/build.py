@@ -82,6 +82,9 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
     placement.check(cfg)
     task = task or LanguageModelingTask(cfg)
     task.check(cfg, placement)
+    if cfg.data.max_tokens and not getattr(task, "token_budget", False):
+        raise ConfigError("data.max_tokens batches SFT samples by a token budget (tessera sft); pretraining windows "
+                          "and this stage's batches hold a fixed number of tokens already: set data.max_tokens=0")
     device = placement.device
     cfg, speed = resolve(cfg, device, placement.world_size, task.static_shapes)
     if placement.rank == 0:

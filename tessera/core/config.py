@@ -72,6 +72,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 256  # windows held by the shuffle buffer
     on_error: Literal["raise", "skip"] = "raise"
+    # SFT: micro-batches of whole samples totalling at most this many tokens, packed into one row with
+    # document masks (train.batch_size=1); 0: train.batch_size rows of train.seq_len
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -482,8 +485,21 @@ def validate(cfg: Config) -> None:
                           f"parallel.tp={p.tp}: each must be >= 1 (dp_shard may be -1: the ranks left over)")
     if p.checkpoint_every < 1:
         raise ConfigError(f"parallel.checkpoint_every={p.checkpoint_every} must be >= 1")
+    _check_max_tokens(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+
+
+def _check_max_tokens(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    if d.max_tokens < 0:
+        raise ConfigError(f"data.max_tokens={d.max_tokens} must be >= 0 (0: off)")
+    if d.max_tokens and t.batch_size != 1:
+        raise ConfigError(f"data.max_tokens={d.max_tokens} makes each micro-batch one packed row of at most that many "
+                          f"tokens: set train.batch_size=1 (got {t.batch_size}); train.grad_accum adds rows to a step")
+    if d.max_tokens and d.max_tokens < t.seq_len:
+        raise ConfigError(f"data.max_tokens={d.max_tokens} is below train.seq_len={t.seq_len}, the longest sample: "
+                          f"a micro-batch must hold one; valid: >= {t.seq_len}")
 
 
 def _check_seq_len_schedule(t: TrainConfig, m: ModelConfig) -> None:
