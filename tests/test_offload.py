@@ -1,0 +1,65 @@
+"""Optimizer offload (`parallel.offload_optimizer`): the layouts it can run on, and the DeepSpeed
+config it produces. Loss parity of an offloaded FSDP2 run is in tests/test_train_parallel.py
+(it shares that module's two-rank runs)."""
+import json
+
+import pytest
+
+from tessera.core.config import ConfigError, load_config
+from tessera.core.placement import LocalPlacement
+from tessera.distributed.layout import check_layout
+from tessera.distributed.mesh import ParallelDims
+
+OFFLOAD = '--parallel.offload_optimizer="cpu"'
+
+
+def layout(world, *overrides):
+    cfg = load_config(None, list(overrides))
+    return cfg, ParallelDims.resolve(cfg.parallel, world)
+
+
+@pytest.mark.parametrize("world, overrides", [
+    (2, ["--parallel.dp_shard=2"]),
+    (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),  # HSDP shards too
+    (2, ["--parallel.engine=deepspeed", "--parallel.zero_stage=1"]),
+    (2, ["--parallel.engine=deepspeed", "--parallel.zero_stage=3"]),
+])
+def test_offload_runs_where_the_optimizer_is_sharded(world, overrides):
+    check_layout(*layout(world, OFFLOAD, *overrides))
+
+
+@pytest.mark.parametrize("world, overrides, named", [
+    (1, [], "parallel.dp_shard > 1"),  # one process
+    (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], "DDP"),
+    (4, ["--parallel.dp_shard=2", "--parallel.tp=2"], "parallel.tp=1"),
+    (2, ["--parallel.dp_shard=1", "--parallel.tp=2"], "tp=2"),
+])
+def test_offload_without_a_sharded_optimizer_is_refused_naming_the_keys(world, overrides, named):
+    with pytest.raises(ConfigError, match="parallel.offload_optimizer='cpu'") as e:
+        check_layout(*layout(world, OFFLOAD, *overrides))
+    assert named in str(e.value)
+
+
+def test_the_single_process_placement_refuses_offload():
+    with pytest.raises(ConfigError, match="single-process placement"):
+        LocalPlacement(__import__("torch").device("cpu")).check(load_config(None, [OFFLOAD]))
+
+
+def test_sequence_parallel_windows_must_split_over_tp():
+    schedule = "--train.seq_len_schedule=[[0, 17], [5, 32]]"
+    with pytest.raises(ConfigError, match="window length 17 .* multiple of it"):
+        check_layout(*layout(2, schedule, "--train.seq_len=32", "--parallel.dp_shard=1", "--parallel.tp=2"))
+    check_layout(*layout(2, schedule, "--train.seq_len=32", "--parallel.dp_shard=1", "--parallel.tp=2",
+                         "--parallel.sequence_parallel=false"))
+
+
+def test_deepspeed_gets_zero_offload_in_its_config():
+    pytest.importorskip("deepspeed")
+    from tessera.distributed.deepspeed_engine import deepspeed_config
+
+    for stage in (1, 2, 3):
+        cfg = load_config(None, ["--parallel.engine=deepspeed", f"--parallel.zero_stage={stage}", OFFLOAD])
+        zero = deepspeed_config(cfg, 2)["zero_optimization"]
+        assert zero == {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": False}}, json.dumps(zero)
+    plain = load_config(None, ["--parallel.engine=deepspeed"])
+    assert deepspeed_config(plain, 2)["zero_optimization"] == {"stage": 2}
