@@ -108,3 +108,20 @@ def test_auto_compile_leaves_a_schedule_eager_and_says_why():
     assert out.train.compile is False and "seq_len_schedule changes the shapes" in line
     one_phase = schedule_cfg([[0, 32]], "--train.seq_len=32", "--train.compile=\"auto\"", "--train.steps=5000")
     assert speed.resolve(one_phase, torch.device("cpu"), 1, True, flags=lambda: frozenset())[0].train.compile is True
+
+
+def test_plan_sizes_a_schedule_at_its_longest_length(capsys):
+    from tessera.cli.main import main
+
+    fixed = ["plan", "--model", "llama-8b", "--gpus", "8"]
+    assert main([*fixed, "--seq", "8192"]) == 0
+    at_longest = capsys.readouterr().out
+    assert main([*fixed, "--seq-len-schedule", "[[0, 1024], [1000, 8192], [2000, 4096]]"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("memory sized for its longest length, 8192 (step times below are those of "
+                                        "that phase)")
+    assert out.split("\n", 1)[1] == at_longest
+    assert main([*fixed, "--seq-len-schedule", "[[5, 1024]]"]) == 2
+    assert "must start at 0" in capsys.readouterr().err
+    assert main([*fixed, "--seq", "1024", "--seq-len-schedule", "[[0, 1024], [9, 2048]]"]) == 2
+    assert main(fixed) == 2
