@@ -37,6 +37,7 @@ class SampleLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.epochs, self.skipped = shuffle, epochs, skipped
         self.group = group
+        self._items: tuple[int | None, list] = (None, [])
         self.epoch = self.batch = 0
         if self.per_rank(self.items(0)) == 0:
             what = "token-budget rows" if group else "samples"
@@ -49,9 +50,12 @@ class SampleLoader:
         return torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def items(self, epoch: int) -> list:
-        """What the batches of `epoch` are made of, in the epoch's order."""
-        ordered = [self.samples[i] for i in self._order(epoch)]
-        return self.group(ordered) if self.group else ordered
+        """What the batches of `epoch` are made of, in the epoch's order (the last epoch's kept:
+        grouping, packing, is the costly part)."""
+        if self._items[0] != epoch:
+            ordered = [self.samples[i] for i in self._order(epoch)]
+            self._items = (epoch, self.group(ordered) if self.group else ordered)
+        return self._items[1]
 
     def per_rank(self, items: list) -> int:
         return len(items) // self.world_size // self.batch_size
