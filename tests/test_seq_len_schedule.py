@@ -80,13 +80,16 @@ def test_the_loader_state_carries_the_length(prepared):
 SCHEDULE = '--train.seq_len_schedule=[[0, 8], [4, 16], [7, 32]]'
 
 
-@pytest.mark.parametrize("stop", [3, 5])  # in the first phase, in the second: resumed runs cross 1 or 2 boundaries
-def test_resumed_run_crosses_phase_boundaries_exactly_as_an_uninterrupted_one(prepared, tmp_path, stop):
-    full = make(prepared, tmp_path / "full", SCHEDULE, "--train.steps=9")
+# stopped in the first phase or the second, so the resumed run crosses 2 or 1 boundaries; learned
+# positions (rows 0..L-1 of the table) and RoPE (the first L positions of its tables)
+@pytest.mark.parametrize("stop, pos", [(3, "learned"), (5, "rope")])
+def test_resumed_run_crosses_phase_boundaries_exactly_as_an_uninterrupted_one(prepared, tmp_path, stop, pos):
+    run = (SCHEDULE, "--train.steps=9", f"--model.pos={pos}")
+    full = make(prepared, tmp_path / "full", *run)
     full.fit()
-    part = make(prepared, tmp_path / "part", SCHEDULE, "--train.steps=9")
+    part = make(prepared, tmp_path / "part", *run)
     part.fit(stop_at=stop)
-    resumed = make(prepared, tmp_path / "part", SCHEDULE, "--train.steps=9", "--checkpoint.resume=auto")
+    resumed = make(prepared, tmp_path / "part", *run, "--checkpoint.resume=auto")
     assert resumed.step == stop
     resumed.fit()
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
