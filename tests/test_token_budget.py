@@ -133,6 +133,11 @@ def test_impossible_budgets_are_refused(overrides, message):
         load_config(None, overrides)
 
 
+def test_a_sample_longer_than_the_budget_is_named():
+    with pytest.raises(ValueError, match="a sample of 71 positions does not fit a packed row of 70"):
+        pack([Sample(list(range(72)), [1] * 72)], BUDGET, PAD)
+
+
 def test_pretraining_refuses_a_token_budget(prepared, tmp_path):
     cfg = load_config(None, [f"--data.path={json.dumps(str(prepared.root))}", "--data.max_tokens=64",
                              "--train.batch_size=1", f"--train.run_dir={json.dumps(str(tmp_path))}"])
