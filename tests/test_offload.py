@@ -78,3 +78,22 @@ def test_zero_offload_keeps_the_losses(recipe, tmp_path):
     ref, got = losses(tmp_path / "plain"), losses(tmp_path / "offload")
     assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(got[s] - ref[s]) / ref[s] for s in ref) <= 16 * 1e-2 * STEPS * 2.0**-23, (got, ref)
+
+
+@pytest.mark.slow  # two two-rank launches
+def test_offload_memory_benchmark_reports_the_residency_moved_off_the_device(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "offload_memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["offload"]: r for r in json.loads((tmp_path / "offload_memory_cpu.json").read_text())["rows"]}
+    plain, offloaded = rows["none"], rows["cpu"]
+    assert not plain["offloaded"] and offloaded["offloaded"]
+    resident = plain["param_mib"] + plain["grad_mib"] + plain["optim_mib"]
+    assert plain["device_resident_mib"] == resident > 0 and offloaded["device_resident_mib"] == 0
+    assert offloaded["host_resident_mib"] == pytest.approx(resident)
+    assert plain["optim_mib"] == pytest.approx(2 * plain["param_mib"])  # AdamW: two moments per parameter
