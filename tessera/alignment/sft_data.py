@@ -99,6 +99,9 @@ def pack(samples: list[Sample], seq_len: int, pad_id: int) -> list[dict[str, tor
     used: list[int] = []
     for s in samples:
         n = len(s.tokens) - 1
+        if n > seq_len:
+            raise ValueError(f"a sample of {n} positions does not fit a packed row of {seq_len} "
+                             "(train.seq_len, or data.max_tokens)")
         for i, u in enumerate(used):
             if u + n <= seq_len:
                 rows[i].append(s)
@@ -122,7 +125,7 @@ def _row(samples: list[Sample], seq_len: int, pad_id: int) -> dict[str, torch.Te
     return {
         "inputs": torch.tensor(inputs + [pad_id] * pad),
         "targets": torch.tensor(targets + [IGNORE] * pad),
-        "positions": torch.tensor(positions + list(range(pad))),
+        "positions": torch.tensor(positions + [0] * pad),  # within any context, however long the row
         "doc_ids": torch.tensor(doc_ids + [len(samples)] * pad),
     }
 

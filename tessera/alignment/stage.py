@@ -21,6 +21,7 @@ class StageTask(BaseTask):
 
     val_perplexity = False
     baseline_eval = True  # fine-tuning: the starting model's validation numbers are the baseline
+    token_budget = False  # whether the stage batches by data.max_tokens
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -42,11 +43,12 @@ class StageTask(BaseTask):
         return apply_lora(model, cfg.lora) if cfg.lora.r > 0 else model
 
     def sample_loaders(self, cfg: Config, train: tuple[list, int], val: tuple[list, int] | None,
-                       collate, dp_rank: int, dp_size: int):
+                       collate, dp_rank: int, dp_size: int, group: Callable[[list], list] | None = None):
         t = cfg.train
-        train_loader = SampleLoader(train[0], collate, t.batch_size, dp_rank, dp_size, seed=t.seed, skipped=train[1])
+        train_loader = SampleLoader(train[0], collate, t.batch_size, dp_rank, dp_size, seed=t.seed, skipped=train[1],
+                                    group=group)
         val_loader = None
         if val is not None:
             val_loader = SampleLoader(val[0], collate, t.batch_size, dp_rank, dp_size, shuffle=False, epochs=1,
-                                      skipped=val[1])
+                                      skipped=val[1], group=group)
         return train_loader, val_loader

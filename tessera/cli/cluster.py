@@ -12,10 +12,10 @@ def cmd_plan(args) -> None:
     from tessera.core.config import load_config
     from tessera.distributed.planner import Layout, format_table, hardware, plan, rank_layouts
 
-    model = load_config(None, [f"--model.preset={json.dumps(args.model)}"]).model
+    model, seq = plan_shape(args)
     hw = hardware(args.gpu, args.mfu, args.intra_bw, args.inter_bw)
     memory = args.gpu_mem or hw.mem_gb
-    shape = (model, args.gpus, memory, args.seq, args.micro_batch)
+    shape = (model, args.gpus, memory, seq, args.micro_batch)
     print(hw.describe())
     if args.dp_shard or args.dp_replicate > 1 or args.tp > 1:
         dp_shard = args.dp_shard or args.gpus // (args.dp_replicate * args.tp)
@@ -25,8 +25,28 @@ def cmd_plan(args) -> None:
     else:
         fitting = rank_layouts(*shape, hw=hw, precision=args.precision, engine=args.engine, zero_stage=args.zero_stage)
         if not fitting:
-            raise UsageError(f"no layout of {args.model} fits {args.gpus} GPUs of {memory:g} GiB at seq {args.seq}")
+            raise UsageError(f"no layout of {args.model} fits {args.gpus} GPUs of {memory:g} GiB at seq {seq}")
         print(format_table(fitting))
+
+
+def plan_shape(args):
+    """The preset's model and the sequence length to size for: --seq, or the longest length of
+    --seq-len-schedule (a progressive schedule peaks in memory at its longest phase)."""
+    from tessera.core.config import TrainConfig, build_section, load_config, parse_override
+
+    preset = f"--model.preset={json.dumps(args.model)}"
+    if not args.seq_len_schedule:
+        if not args.seq:
+            raise UsageError("give --seq or --seq-len-schedule")
+        return load_config(None, [preset]).model, args.seq
+    _, schedule = parse_override(f"--s={args.seq_len_schedule}")
+    longest = max(build_section(TrainConfig, {"seq_len_schedule": schedule}, "train").seq_lens)
+    if args.seq and args.seq != longest:
+        raise UsageError(f"--seq {args.seq} differs from the longest length of --seq-len-schedule ({longest}); give one")
+    cfg = load_config(None, [preset, f"--train.seq_len_schedule={args.seq_len_schedule}", f"--train.seq_len={longest}"])
+    print(f"seq_len_schedule {[list(p) for p in cfg.train.seq_len_schedule]}: memory sized for its longest "
+          f"length, {longest} (step times below are those of that phase)")
+    return cfg.model, longest
 
 
 def cmd_launch(args, overrides: list[str]) -> None:
@@ -69,7 +89,9 @@ def add_parsers(sub) -> None:
     pn.add_argument("--mfu", type=float, default=0.0, help="model FLOPs utilisation (default: 0.40)")
     pn.add_argument("--intra-bw", type=float, default=0.0, help="GB/s per GPU within a node (default: the GPU's)")
     pn.add_argument("--inter-bw", type=float, default=0.0, help="GB/s per GPU between nodes (default: the GPU's)")
-    pn.add_argument("--seq", type=int, required=True)
+    pn.add_argument("--seq", type=int, default=0, help="sequence length (or give --seq-len-schedule)")
+    pn.add_argument("--seq-len-schedule", default="", metavar="TOML",
+                    help="progressive length, e.g. '[[0, 128], [1000, 256]]': sized for its longest length")
     pn.add_argument("--micro-batch", type=int, default=1)
     pn.add_argument("--dp-shard", type=int, default=0, help="with --dp-replicate/--tp: plan this one layout")
     pn.add_argument("--dp-replicate", type=int, default=1)

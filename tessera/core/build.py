@@ -82,6 +82,9 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
     placement.check(cfg)
     task = task or LanguageModelingTask(cfg)
     task.check(cfg, placement)
+    if cfg.data.max_tokens and not getattr(task, "token_budget", False):
+        raise ConfigError("data.max_tokens batches SFT samples by a token budget (tessera sft); pretraining windows "
+                          "and this stage's batches hold a fixed number of tokens already: set data.max_tokens=0")
     device = placement.device
     cfg, speed = resolve(cfg, device, placement.world_size, task.static_shapes)
     if placement.rank == 0:
@@ -91,11 +94,14 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = task.build_model(cfg, device, init_weights)
     with torch.device("meta"):  # the trained body's FLOPs, whatever head or adapters the task adds
-        flops_per_token = Transformer(cfg.model).flops_per_token(cfg.train.seq_len)
+        flops_per_token = Transformer(cfg.model).flops_per_token
     engine = placement.engine(placement.prepare(model, cfg), cfg)
     engine.objective = task.objective
     task.attach(placement, cfg, engine, init_weights)
     train_loader, val_loader = task.loaders(cfg, placement.dp_rank, placement.dp_size)
+    if cfg.train.seq_len_schedule and not hasattr(train_loader, "set_seq_len"):
+        raise ConfigError("train.seq_len_schedule applies to pretraining on prepared shards (tessera train); "
+                          "this stage's samples have their own lengths: set train.seq_len_schedule=[]")
     skipped = train_loader.skipped + (val_loader.skipped if val_loader is not None else 0)
     if skipped and placement.rank == 0:
         print(f"data: skipped {skipped} unusable records of {cfg.data.path}"

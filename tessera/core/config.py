@@ -90,6 +90,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 256  # windows held by the shuffle buffer
     on_error: Literal["raise", "skip"] = "raise"
+    # SFT: micro-batches of whole samples totalling at most this many tokens, packed into one row with
+    # document masks (train.batch_size=1); 0: train.batch_size rows of train.seq_len
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,28 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 12  # sequences per micro-batch
     grad_accum: int = 1
-    seq_len: int = 64
+    seq_len: int = 64  # with seq_len_schedule: its longest length (evaluation and the memory plan use it)
+    # progressive sequence length: [[step, length], ...], from `step` on windows of `length`; first step 0
+    seq_len_schedule: tuple[tuple[int, int], ...] = ()
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "fp32"  # auto: bf16 where computed natively (core.speed)
     compile: bool | Literal["auto"] = False  # auto: regional compilation of long one-process runs
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+
+    def seq_len_at(self, step: int) -> int:
+        """The window length of the step after `step` completed steps (`seq_len` without a schedule)."""
+        length = self.seq_len
+        for start, phase_length in self.seq_len_schedule:
+            if start > step:
+                break
+            length = phase_length
+        return length
+
+    @property
+    def seq_lens(self) -> tuple[int, ...]:
+        """Every window length the run trains on, in schedule order."""
+        return tuple(length for _, length in self.seq_len_schedule) or (self.seq_len,)
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,8 @@ class ParallelConfig:
     activation_checkpoint: Literal["none", "full", "selective", "op"] = "none"
     checkpoint_every: int = 2  # selective: every k-th block
     zero_stage: Literal[1, 2, 3] = 2  # deepspeed engine
+    # optimizer state and step in host memory: ZeRO-Offload (deepspeed) or FSDP2's CPUOffloadPolicy
+    offload_optimizer: Literal["none", "cpu"] = "none"
 
 
 @dataclass(frozen=True)
@@ -545,6 +566,7 @@ def validate(cfg: Config) -> None:
                           "(d_model/n_heads, or attn_head_dim when set)")
     if t.seq_len > m.max_seq_len and not m.init_from:  # with init_from, checked once the source's size is known
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check_seq_len_schedule(t, m)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if cfg.optim.min_lr > cfg.optim.lr:
@@ -555,6 +577,7 @@ def validate(cfg: Config) -> None:
                           f"parallel.tp={p.tp}: each must be >= 1 (dp_shard may be -1: the ranks left over)")
     if p.checkpoint_every < 1:
         raise ConfigError(f"parallel.checkpoint_every={p.checkpoint_every} must be >= 1")
+    _check_max_tokens(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
 
@@ -585,8 +608,39 @@ def _validate_attention_extras(m: ModelConfig) -> None:
                           f"rope_attention_factor={m.rope_attention_factor}: need 0 < slow <= fast, factor >= 0")
 
 
-SCHEDULE_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "optim.lr", "optim.min_lr",
-                 "optim.schedule", "optim.warmup_steps", "optim.decay_steps")
+def _check_max_tokens(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    if d.max_tokens < 0:
+        raise ConfigError(f"data.max_tokens={d.max_tokens} must be >= 0 (0: off)")
+    if d.max_tokens and t.batch_size != 1:
+        raise ConfigError(f"data.max_tokens={d.max_tokens} makes each micro-batch one packed row of at most that many "
+                          f"tokens: set train.batch_size=1 (got {t.batch_size}); train.grad_accum adds rows to a step")
+    if d.max_tokens and d.max_tokens < t.seq_len:
+        raise ConfigError(f"data.max_tokens={d.max_tokens} is below train.seq_len={t.seq_len}, the longest sample: "
+                          f"a micro-batch must hold one; valid: >= {t.seq_len}")
+
+
+def _check_seq_len_schedule(t: TrainConfig, m: ModelConfig) -> None:
+    """[[0, L0], [s1, L1], ...]: steps from 0, increasing; lengths positive and within the model's context,
+    the longest equal to train.seq_len (the length evaluation and the memory plan use)."""
+    schedule = t.seq_len_schedule
+    if not schedule:
+        return
+    steps = [s for s, _ in schedule]
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ConfigError(f"train.seq_len_schedule={[list(p) for p in schedule]}: the steps must start at 0 and "
+                          "increase, e.g. [[0, 128], [1000, 256], [3000, 512]]")
+    bad = [length for _, length in schedule if length < 1 or (length > m.max_seq_len and not m.init_from)]
+    if bad:
+        raise ConfigError(f"train.seq_len_schedule length {bad[0]} is not valid: each length must be in "
+                          f"[1, model.max_seq_len={m.max_seq_len}]")
+    if max(t.seq_lens) != t.seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} must equal the longest length of train.seq_len_schedule "
+                          f"({max(t.seq_lens)}): evaluation and the memory plan use it")
+
+
+SCHEDULE_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "train.seq_len_schedule",
+                 "optim.lr", "optim.min_lr", "optim.schedule", "optim.warmup_steps", "optim.decay_steps")
 
 
 def schedule_changes(saved_toml: str, cfg: Config) -> list[str]:
@@ -597,9 +651,14 @@ def schedule_changes(saved_toml: str, cfg: Config) -> list[str]:
     for key in SCHEDULE_KEYS:
         section, name = key.split(".")
         old = saved.get(section, {}).get(name)
-        if old is not None and old != now[section][name]:
+        if old is not None and old != _as_lists(now[section][name]):
             changes.append(f"{key} {old} -> {now[section][name]}")
     return changes
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples as TOML reads them back: lists."""
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def to_dict(cfg: Any) -> dict:

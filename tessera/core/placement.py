@@ -39,7 +39,8 @@ class LocalPlacement:
         """Refuse a layout this placement cannot run, rather than ignoring it."""
         p = cfg.parallel
         ranks = p.dp_replicate * max(p.dp_shard, 1) * p.tp
-        if ranks > 1 or p.engine != "fsdp" or p.activation_checkpoint != "none" or p.mixed_precision != "none":
+        if (ranks > 1 or p.engine != "fsdp" or p.activation_checkpoint != "none" or p.mixed_precision != "none"
+                or p.offload_optimizer != "none"):
             raise ConfigError("a single-process placement takes no parallel layout; launch "
                               "tessera.distributed's placement (`tessera train` does)")
 

@@ -4,7 +4,9 @@ from "auto", regional compilation of the transformer blocks, and torch's persist
 "auto" precision is bf16 autocast where the device computes bf16 natively (CUDA with bf16;
 a CPU with AVX512-BF16 or AMX, read from its flags at start-up), fp32 elsewhere: emulated
 bf16 is slower than fp32. "auto" compile compiles one process's fixed-shape runs of at least
-`COMPILE_MIN_STEPS` steps, where the one-off compilation is repaid.
+`COMPILE_MIN_STEPS` steps, where the one-off compilation is repaid; a progressive sequence length
+(train.seq_len_schedule) is not fixed-shape: each phase would compile its graphs anew, so "auto"
+leaves it eager (an explicit true compiles, and recompiles at each phase).
 Compiled code is cached under `compile_cache_dir()`, so the second run of a recipe starts compiled.
 """
 from __future__ import annotations
@@ -62,9 +64,12 @@ def resolve(cfg: Config, device: torch.device, world_size: int, static_shapes: b
     compile_, why_compile = t.compile, "set"
     if compile_ == "auto":
         long_enough = t.steps >= COMPILE_MIN_STEPS
-        compile_ = world_size == 1 and static_shapes and long_enough and cfg.parallel.engine == "fsdp"
+        phases = len(t.seq_lens) > 1
+        compile_ = (world_size == 1 and static_shapes and not phases and long_enough
+                    and cfg.parallel.engine == "fsdp")
         why_compile = ("regional, cache in " + str(compile_cache_dir()) if compile_ else
                        "off: " + ("several ranks" if world_size > 1 else "shapes vary" if not static_shapes
+                                  else "train.seq_len_schedule changes the shapes" if phases
                                   else f"train.steps < {COMPILE_MIN_STEPS}"))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, precision=precision, compile=compile_))
     return cfg, f"precision {precision} ({why_precision}); compile {str(compile_).lower()} ({why_compile})"

@@ -10,7 +10,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ class TrainerParts:
     checkpointer: CheckpointStore
     metrics: MetricsWriter  # a NullMetrics on every rank but the first
     device: torch.device
-    flops_per_token: float = 0.0
+    flops_per_token: Callable[[int], float] | None = None  # of the trained body, at a window length
     peak_flops: float | None = None  # of one device
     dp_size: int = 1  # data-parallel ranks, each reading its own batches
     devices: int = 1  # all ranks, for MFU
@@ -78,9 +78,26 @@ class Trainer:
         self.stopped_early = False
         self.task = parts.task
         self.optimizers = [self.engine.optimizer, *(e.optimizer for e in self.task.companions.values())]
-        t = cfg.train
-        # tokens/s and MFU count the tokens a gradient step reads; a task's own update reports its own
-        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * parts.dp_size if self.task.update is None else 0
+
+    def tokens_in_step(self, step: int) -> int:
+        """Tokens the gradient step after `step` steps reads over all ranks (its window length under a
+        progressive schedule); 0 for a task's own update, which reports its own."""
+        t = self.cfg.train
+        return t.batch_size * t.seq_len_at(step) * t.grad_accum * self.parts.dp_size if self.task.update is None else 0
+
+    def batches_at_length(self, batches: Iterator) -> Iterator:
+        """The batch stream, re-opened at the next step's window length when the progressive schedule
+        (train.seq_len_schedule) changes it; the loader's state carries the length, so a resumed run
+        crosses a phase boundary exactly as an uninterrupted one."""
+        loader = self.parts.train_loader
+        length = self.cfg.train.seq_len_at(self.step)
+        if getattr(loader, "seq_len", length) == length:
+            return batches
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        loader.set_seq_len(length)
+        return iter(loader)
 
     def state_dict(self) -> dict:
         """This rank's run state; the checkpointer adds models and optimizers."""
@@ -209,30 +226,35 @@ class Trainer:
         shown = update.progress_keys if update is not None else ("loss", "lr")
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.log.progress and parts.console), mininterval=1.0, dynamic_ncols=True)
-        train_time, window_steps = 0.0, 0
+        train_time, window_tokens, window_flops = 0.0, 0, 0.0
         last: dict = {}
         if self.step == 0 < end and self.task.baseline_eval:
             self.log_eval(bar)
         while self.step < end:
+            batches = self.batches_at_length(batches)
+            tokens, length = self.tokens_in_step(self.step), cfg.train.seq_len_at(self.step)
             started = time.perf_counter()
             metrics = self.train_step(batches)
             train_time += time.perf_counter() - started
-            window_steps += 1
+            window_tokens += tokens
+            window_flops += tokens * parts.flops_per_token(length) if parts.flops_per_token else 0.0
             bar.update(1)
             stopping = self.engine.any_rank(self.stop_requested)
             done = self.step == end or stopping
             if self.step % cfg.log.every == 0 or done:
                 last = {**metrics, "mem_gb": self.engine.max_over_ranks(memory_gb(parts.device)),
                         "skipped_steps": self.skipped_steps, "data_skipped": parts.train_loader.skipped}
-                if self.tokens_per_step:
-                    last["tokens_per_s"] = window_steps * self.tokens_per_step / train_time
-                    if parts.peak_flops:
-                        last["mfu"] = parts.flops_per_token * last["tokens_per_s"] / (parts.peak_flops * parts.devices)
+                if cfg.train.seq_len_schedule:
+                    last["seq_len"] = float(length)
+                if window_tokens:
+                    last["tokens_per_s"] = window_tokens / train_time
+                    if parts.peak_flops and window_flops:
+                        last["mfu"] = window_flops / train_time / (parts.peak_flops * parts.devices)
                 if parts.telemetry is not None:
                     last.update(parts.telemetry.sample())
                 parts.metrics.log(self.step, last)
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last}, refresh=False)
-                train_time, window_steps = 0.0, 0
+                train_time, window_tokens, window_flops = 0.0, 0, 0.0
             if not stopping and ((cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == cfg.train.steps):
                 last.update(self.log_eval(bar))
             periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0

@@ -33,10 +33,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file, save_model
 
 from tessera.core.checkpoint import Checkpointer, publish, write_run_files
-from tessera.core.config import Config, ConfigError
+from tessera.core.config import Config, ConfigError, OptimConfig
 from tessera.core.engine import LocalEngine
 from tessera.core.model import Transformer
-from tessera.core.optim import build_optimizer
+from tessera.core.optim import build_optimizer, param_groups
 from tessera.core.placement import LocalPlacement
 from tessera.distributed.engine import world_max, world_mean
 from tessera.distributed.env import DistributedEnv, init_distributed
@@ -59,11 +59,35 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.batch_size * t.grad_accum * dp_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero_optimization(cfg),
         "zero_allow_untested_optimizer": True,  # the project's own AdamW and its param groups
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def zero_optimization(cfg: Config) -> dict:
+    """ZeRO's section: the stage, and with parallel.offload_optimizer="cpu" ZeRO-Offload (the fp32
+    partitions and the optimizer state in host memory, the step on the CPU)."""
+    zero: dict = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return zero
+
+
+def offload_optimizer(model: Transformer, optim: OptimConfig) -> torch.optim.Optimizer:
+    """ZeRO-Offload's optimizer: DeepSpeed's CPU Adam (vectorised C++, compiled on first use) over
+    the same parameter groups and hyperparameters as `build_optimizer`'s AdamW."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                                eps=optim.eps, adamw_mode=True)
+    except Exception as e:  # the op build fails with whatever the compiler or loader raised
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"parallel.offload_optimizer='cpu' on deepspeed needs DeepSpeed's CPU Adam, which could not "
+                          f"be built here ({type(e).__name__}: {first_line}); it needs a C++ compiler and ninja, or a "
+                          "DeepSpeed installed with DS_BUILD_CPU_ADAM=1") from e
 
 
 class DeepSpeedEngine(LocalEngine):
@@ -222,7 +246,10 @@ class DeepSpeedPlacement(LocalPlacement):
         check_layout(cfg, self.dims)
 
     def engine(self, model: Transformer, cfg: Config):
-        optimizer = build_optimizer(model, cfg.optim, self.device)
+        if cfg.parallel.offload_optimizer == "cpu":
+            optimizer = offload_optimizer(model, cfg.optim)
+        else:
+            optimizer = build_optimizer(model, cfg.optim, self.device)
         ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                              config=deepspeed_config(cfg, self.dp_size))
         engine = DeepSpeedEngine(ds_engine, self.device, cfg.train.precision)

@@ -23,6 +23,17 @@ def check_layout(cfg: Config, dims: ParallelDims) -> None:
         if cfg.train.compile is True:
             raise ConfigError("train.compile is not supported with parallel.engine='deepspeed'; valid: false, auto")
         return
+    if p.offload_optimizer != "none" and (not dims.fsdp or dims.tp > 1):
+        raise ConfigError(f"parallel.offload_optimizer={p.offload_optimizer!r} needs sharded data parallelism "
+                          f"without TP: FSDP2 (parallel.dp_shard > 1, parallel.tp=1; got dp_shard={dims.dp_shard}, "
+                          f"tp={dims.tp}) or parallel.engine='deepspeed'; one process or DDP keep the optimizer "
+                          "where the model is: set it to 'none'")
+    if dims.tp > 1 and p.sequence_parallel:
+        odd = [length for length in cfg.train.seq_lens if length % dims.tp]
+        if odd:
+            raise ConfigError(f"sequence parallelism splits each window over parallel.tp={dims.tp} ranks: window "
+                              f"length {odd[0]} (train.seq_len / train.seq_len_schedule) must be a multiple of it, "
+                              "or set parallel.sequence_parallel=false")
     if p.mixed_precision != "none" and not dims.fsdp:
         raise ConfigError("parallel.mixed_precision='bf16' is FSDP2's policy and needs parallel.dp_shard > 1; "
                           "for one process or DDP use train.precision='bf16'")

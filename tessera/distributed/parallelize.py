@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.distributed._composable import replicate
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -151,15 +151,23 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> None:
 
 
 def apply_fsdp(model: nn.Module, body: Transformer, dp_mesh: DeviceMesh, cfg: ParallelConfig) -> None:
-    """FSDP2 per block of `body` (one all-gather in flight per block), then the root for the rest."""
+    """FSDP2 per block of `body` (one all-gather in flight per block), then the root for the rest.
+
+    `offload_optimizer="cpu"` keeps the sharded parameters, their gradients and the optimizer in
+    host memory (FSDP2's CPUOffloadPolicy): the accelerator holds only the gathered blocks in use,
+    and the optimizer steps on the CPU."""
     mp = MixedPrecisionPolicy()
     if cfg.mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = OffloadPolicy()
+    if cfg.offload_optimizer == "cpu":  # pinned pages speed up host-device copies; there are none on CPU
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for i, block in enumerate(body.layers):
         # The last block's parameters are gathered again at once by backward: keep them.
         reshard = cfg.reshard_after_forward and i < len(body.layers) - 1
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard, offload_policy=offload)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward,
+                offload_policy=offload)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh: DeviceMesh | None) -> nn.Module:

@@ -49,9 +49,11 @@ class ParallelPlacement(LocalPlacement):
 
     def engine(self, model: Transformer, cfg: Config):
         optim = cfg.optim
+        # offloaded (FSDP2's CPUOffloadPolicy), the sharded parameters and the optimizer live on the CPU
+        where = torch.device("cpu") if cfg.parallel.offload_optimizer == "cpu" else self.device
         if optim.impl == "auto" and self.sharded:  # fused AdamW takes no DTensors on CPU
-            optim = dataclasses.replace(optim, impl="foreach" if self.device.type == "cpu" else "fused")
-        optimizer = build_optimizer(model, optim, self.device)
+            optim = dataclasses.replace(optim, impl="foreach" if where.type == "cpu" else "fused")
+        optimizer = build_optimizer(model, optim, where)
         return DistributedEngine(model, optimizer, self.device, cfg.train.precision, cfg.train.compile)
 
     def checkpointer(self, directory: Path, keep_last: int, attachments: tuple[Path, ...]) -> Checkpointer:

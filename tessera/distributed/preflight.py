@@ -62,6 +62,7 @@ def preflight(command: str, config: str, overrides: list[str], world: int, gpus_
     if gpu:
         try:
             hw = hardware(gpu, gpus_per_node=gpus_per_node)
+            # train.seq_len is the longest length of a progressive schedule (config.validate): the peak
             est = plan(cfg.model, world, hw.mem_gb, cfg.train.seq_len, cfg.train.batch_size, lay, hw)
         except ValueError as e:
             raise ConfigError(f"job.gpu={gpu!r}: {e}") from None

@@ -3,6 +3,10 @@
 A stream concatenates its shards' tokens and cuts them into (seq_len + 1)-token windows; the
 dealing of shards to rank x worker streams, the shuffling, batching and the two-integer state
 are `streams.ShardStreams`'.
+
+The window length may change mid-run (progressive sequence length, `set_seq_len`): the epoch
+goes on at the new length from the batch that starts at about the same token of each stream,
+so a phase neither repeats nor skips much of the epoch, and the length is part of the state.
 """
 from __future__ import annotations
 
@@ -115,3 +119,22 @@ class StreamingLoader(ShardStreams):
     def collate(self, windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         data = torch.from_numpy(np.stack(windows).astype(np.int64))
         return data[:, :-1], data[:, 1:]
+
+    def set_seq_len(self, seq_len: int) -> None:
+        """Go on with windows of `seq_len` tokens, from the batch of the new length that starts where
+        this epoch's read tokens end (rounded up); iterate the loader anew afterwards."""
+        if seq_len == self.seq_len:
+            return
+        read = self.batch * (self.seq_len + 1)
+        self.seq_len = seq_len
+        self.too_small_reason = (f"a stream holds fewer than batch_size={self.batch_size} windows of "
+                                 f"seq_len+1={seq_len + 1} tokens")
+        self.batch = -(-read // (seq_len + 1))
+        self.batches_per_epoch(self.epoch)  # the data must hold a batch of the new length
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.seq_len = state.get("seq_len", self.seq_len)

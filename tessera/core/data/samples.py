@@ -11,37 +11,55 @@ from tessera.core.config import ConfigError
 
 class SampleLoader:
     """Batches of encoded samples, reshuffled every epoch; each data-parallel rank takes every
-    `world_size`-th sample of the epoch's order (all ranks the same number of batches).
+    `world_size`-th item of the epoch (all ranks the same number of batches, the fewer than
+    `world_size` x `batch_size` items left over sit that epoch out).
 
-    The state is two integers, so a resumed run replays the same batches; `epochs=None` repeats
-    forever (training), `epochs=1` is one pass in a fixed order (validation).
+    The items are the samples, or what `group` makes of the epoch's ordered samples (token-budget
+    rows: `data.max_tokens`), so a budget row holds other samples every epoch. The state is two
+    integers, so a resumed run replays the same batches; `epochs=None` repeats forever
+    (training), `epochs=1` is one pass in a fixed order (validation).
     """
 
     num_workers = 0
 
     def __init__(self, samples: list, collate: Callable[[list], dict], batch_size: int, rank: int, world_size: int,
-                 seed: int = 0, shuffle: bool = True, epochs: int | None = None, skipped: int = 0):
-        self.per_rank = len(samples) // world_size // batch_size
-        if self.per_rank == 0:
-            raise ConfigError(f"{len(samples)} samples make no batch of {batch_size} on each of {world_size} "
-                              "rank(s): lower train.batch_size or add data")
+                 seed: int = 0, shuffle: bool = True, epochs: int | None = None, skipped: int = 0,
+                 group: Callable[[list], list] | None = None):
         self.samples, self.collate, self.batch_size = samples, collate, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.epochs, self.skipped = shuffle, epochs, skipped
+        self.group = group
+        self._items: tuple[int | None, list] = (None, [])
         self.epoch = self.batch = 0
+        if self.per_rank(self.items(0)) == 0:
+            what = "token-budget rows" if group else "samples"
+            raise ConfigError(f"{len(samples)} samples ({len(self.items(0))} {what}) make no batch of {batch_size} "
+                              f"on each of {world_size} rank(s): lower train.batch_size or add data")
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(len(self.samples)))
         return torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
+    def items(self, epoch: int) -> list:
+        """What the batches of `epoch` are made of, in the epoch's order (the last epoch's kept:
+        grouping, packing, is the costly part)."""
+        if self._items[0] != epoch:
+            ordered = [self.samples[i] for i in self._order(epoch)]
+            self._items = (epoch, self.group(ordered) if self.group else ordered)
+        return self._items[1]
+
+    def per_rank(self, items: list) -> int:
+        return len(items) // self.world_size // self.batch_size
+
     def __iter__(self):
         while self.epochs is None or self.epoch < self.epochs:
-            mine = self._order(self.epoch)[self.rank::self.world_size]
-            while self.batch < self.per_rank:
+            items = self.items(self.epoch)
+            mine = items[self.rank::self.world_size]
+            while self.batch < self.per_rank(items):
                 start = self.batch * self.batch_size
                 self.batch += 1
-                yield self.collate([self.samples[i] for i in mine[start:start + self.batch_size]])
+                yield self.collate(mine[start:start + self.batch_size])
             self.epoch, self.batch = self.epoch + 1, 0
 
     def reset(self) -> None:
