@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tessera.launchers import jobs
 from tests.conftest import ROOT
 
 LAUNCH = ROOT / "configs" / "launch" / "tiny-local.toml"
@@ -106,6 +107,9 @@ def check_restarts(tmp_path: Path, data: Path, kills: int, steps: int, seed: int
     plain = launch(tmp_path, data, "plain", steps, 0)
     out = plain.communicate(timeout=600)[0]
     assert plain.returncode == 0, out
+    entry = jobs.find("plain", tmp_path / "jobs")
+    assert entry.backend == "local" and jobs.status(entry) == "COMPLETED"
+    assert f"trained steps 0..{steps}" in jobs.logs(entry)
     killed = launch(tmp_path, data, "killed", steps, kills)
     try:
         landed, newest = kill_repeatedly(killed, tmp_path / "killed", kills, random.Random(seed))
@@ -114,7 +118,7 @@ def check_restarts(tmp_path: Path, data: Path, kills: int, steps: int, seed: int
         if killed.poll() is None:
             killed.kill()
     assert killed.returncode == 0, output[-5000:]
-    assert f"trained steps " in output and f"..{steps} in" in output, output[-3000:]
+    assert re.search(rf"trained steps \d+\.\.{steps} in", output), output[-3000:]
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", output)]
     # a round killed before it read its checkpoint prints nothing: the resumes are a subsequence of the rounds
     rounds = iter(newest)
