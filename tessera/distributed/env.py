@@ -106,19 +106,23 @@ def init_distributed(device_type: str = "auto", timeout_s: float | None = None) 
 
 
 def _drop_dtensor_caches() -> None:
-    """Empty the caches through which DTensor keeps every mesh (and so its groups) alive."""
+    """Empty the caches through which DTensor keeps every mesh (and so its groups) alive. They are
+    torch's private names: a torch without one only keeps the meshes longer (a test says so)."""
     if "torch.distributed.tensor" not in sys.modules:
         return
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._collective_utils import MeshTopoInfo
-    from torch.distributed.tensor._redistribute import _gen_transform_infos
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._collective_utils import MeshTopoInfo
+        from torch.distributed.tensor._redistribute import _gen_transform_infos
 
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    propagator.propagate_op_sharding.cache_clear()
-    propagator._propagate_tensor_meta_cached.cache_clear()
-    torch._C._clear_DTensor_sharding_propagator_cache()
-    _gen_transform_infos.cache_clear()
-    MeshTopoInfo.build_from_mesh.cache_clear()
+        propagator = DTensor._op_dispatcher.sharding_propagator
+        propagator.propagate_op_sharding.cache_clear()
+        propagator._propagate_tensor_meta_cached.cache_clear()
+        torch._C._clear_DTensor_sharding_propagator_cache()
+        _gen_transform_infos.cache_clear()
+        MeshTopoInfo.build_from_mesh.cache_clear()
+    except (ImportError, AttributeError):
+        pass
 
 
 def destroy() -> None:
