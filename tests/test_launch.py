@@ -3,16 +3,12 @@ the job registry, telemetry without a GPU. The real SLURM runs are in test_launc
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
-import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
