@@ -11,7 +11,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
 import sys
 
 import torch
@@ -23,7 +22,7 @@ from tessera.core.engine import LocalEngine
 from tessera.core.model import Transformer
 from tessera.core.optim import build_optimizer
 from tessera.distributed.engine import DistributedEngine
-from tessera.distributed.env import destroy, init_distributed
+from tessera.distributed.env import destroy, exit_process, init_distributed
 from tessera.distributed.mesh import ParallelDims
 from tessera.distributed.parallelize import parallelize
 
@@ -154,9 +153,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # The results are written and the group is gone; skip the interpreter's teardown, where gloo's
-    # threads, still referenced by FSDP's meshes, abort about 1 run in 4 ("terminate called without an
-    # active exception"; seen at fecd12e too). Issue 16 (item 7) tracks the teardown itself.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # as `tessera train` ends: exit handlers run, no interpreter teardown (see env.py)

@@ -93,3 +93,42 @@ def test_a_closed_deepspeed_engine_frees_itself_and_its_groups_before_exit():
     assert [line for line in proc.stdout.splitlines() if line.startswith("stage")] == \
         ["stage 1 freed True", "stage 3 freed True"], proc.stdout[-2000:]
     assert "terminate called" not in proc.stderr
+
+
+EXIT = """
+import atexit, gc, weakref
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from tessera.distributed.env import destroy, exit_process, init_distributed
+
+init_distributed("cpu")
+mesh = init_device_mesh("cpu", (2,))
+model = torch.nn.Linear(4, 4)
+fully_shard(model, mesh=mesh)
+model(torch.ones(2, 4)).sum().backward()
+held = weakref.ref(mesh)
+del model, mesh
+destroy()
+gc.collect()
+print("mesh freed", held() is None, flush=True)
+atexit.register(print, "exit handlers ran")
+exit_process(5)
+"""
+
+
+def test_leaving_frees_the_meshes_and_ends_with_the_status_after_the_exit_handlers():
+    """DTensor's caches kept every mesh (and its groups) alive after the run; a process that joined
+    a group ends through exit_process: its exit handlers run, the status is kept, no teardown abort."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", EXIT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 5, err[-3000:]
+        assert out.splitlines() == ["mesh freed True", "exit handlers ran"], (out, err[-2000:])
+        assert "terminate called" not in err

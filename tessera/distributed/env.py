@@ -8,19 +8,31 @@ unchanged from a laptop to a cluster.
 Joining the group, and every collective after, waits at most TESSERA_DIST_TIMEOUT_S seconds
 (default 300, not torch's 10 to 30 minutes; the launcher's `job.dist_timeout_s` sets it): a
 restarted torchrun group that fails to re-form ends in one line soon, rather than hang.
+
+Leaving: `destroy()` first drops what torch's DTensor caches keep of the meshes (sharding
+propagation and redistribution plans hold every mesh, and a mesh holds its groups, after the
+model is gone), then the groups. Even so torch 2.13 keeps a gloo group referenced from C++
+after FSDP2's `fully_shard` (its worker threads measured alive after `destroy_process_group`),
+and tearing such threads down with the interpreter is what aborted a rank now and then at exit
+("terminate called without an active exception", exit -6). So `exit_process` ends a process
+that joined a group with the exit handlers run and the interpreter's teardown skipped.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 
 DEFAULT_TIMEOUT_S = 300.0
+_joined = False  # whether this process ever joined a process group
 
 
 class DistributedTimeout(TimeoutError):
@@ -80,6 +92,8 @@ def init_distributed(device_type: str = "auto", timeout_s: float | None = None) 
         device = torch.device(device_type)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
+        global _joined
+        _joined = True
         timeout = group_timeout(timeout_s)
         try:  # device_id binds the NCCL communicator to this rank's GPU at once (eager init, no guessing)
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
@@ -91,12 +105,49 @@ def init_distributed(device_type: str = "auto", timeout_s: float | None = None) 
     return DistributedEnv(rank, local_rank, world, device, dist.get_backend())
 
 
+def _drop_dtensor_caches() -> None:
+    """Empty the caches through which DTensor keeps every mesh (and so its groups) alive. They are
+    torch's private names: a torch without one only keeps the meshes longer (a test says so)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._collective_utils import MeshTopoInfo
+        from torch.distributed.tensor._redistribute import _gen_transform_infos
+
+        propagator = DTensor._op_dispatcher.sharding_propagator
+        propagator.propagate_op_sharding.cache_clear()
+        propagator._propagate_tensor_meta_cached.cache_clear()
+        torch._C._clear_DTensor_sharding_propagator_cache()
+        _gen_transform_infos.cache_clear()
+        MeshTopoInfo.build_from_mesh.cache_clear()
+    except (ImportError, AttributeError):
+        pass
+
+
 def destroy() -> None:
     """Leave the process group, if any (safe to call twice or without one); DeepSpeed's own
     references to the groups are released with them, through its API, when it is in use."""
     if dist.is_available() and dist.is_initialized():
+        _drop_dtensor_caches()
         ds_comm = sys.modules.get("deepspeed.comm")
         if ds_comm is not None and ds_comm.is_initialized():
             ds_comm.destroy_process_group()
         else:
             dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the process with `status`. One that joined a process group runs its exit handlers
+    (engines closed, logs and writers flushed) and joins its threads while the interpreter is
+    whole, then skips the teardown where leftover gloo threads aborted it (see the module's doc)."""
+    if not _joined:
+        sys.exit(status)
+    destroy()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
