@@ -44,7 +44,7 @@ def read_mo(path: str | Path) -> dict[str, str]:
     return pairs
 
 
-_PLACEHOLDER = re.compile(r"%\(\w+\)[sdfr]|%[sdfr]|\{\w*\}")
+_PLACEHOLDER = re.compile(r"%(\(\w+\))?[-+ #0]*\d*(\.\d+)?[sdfr]|\{\w*\}")
 
 
 def _texts(catalog: str) -> list[str]:
