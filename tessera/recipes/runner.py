@@ -2,7 +2,8 @@
 
 A recipe is a module `tessera.recipes.NAME` beside its config directory `configs/recipes/NAME/`
 (`train.toml`, `README.md`). The module supplies the stages that differ between recipes
-(`prepare`, `evaluate`, `sample`, optionally `COMMAND` and `SMOKE`); this runner does the rest
+(`prepare`, `evaluate`, `sample`; optionally `SMOKE`, the overrides of a smoke run, and `COMMAND`,
+the training command, or `train(ctx) -> checkpoint` for several stages); this runner does the rest
 with Tessera's own functions: the config loader, `tessera train`'s command in process (the one
 trainer), the loss plot, and the summary every recipe ends with.
 """
@@ -169,7 +170,7 @@ def run_recipe(name: str, out: str | Path | None = None, smoke: bool = False, ov
     with ctx.timer("evaluate before"):
         before = module.evaluate(ctx, ctx.initial_model())
     with ctx.timer("train"):
-        ckpt = ctx.train(getattr(module, "COMMAND", "train"))
+        ckpt = module.train(ctx) if hasattr(module, "train") else ctx.train(getattr(module, "COMMAND", "train"))
     model = load_trained(ckpt)
     with ctx.timer("evaluate after"):
         after = module.evaluate(ctx, model)
