@@ -3,6 +3,7 @@ values and independent readers, and each recipe end to end at smoke size."""
 from __future__ import annotations
 
 import gettext
+import json
 import io
 import math
 import random
@@ -148,3 +149,75 @@ def f():
     share = sum(held_out(f"pkg/mod{i}.py", 10) for i in range(2000)) / 2000
     assert 0.07 < share < 0.13 and held_out("a/b.py", 10) == held_out("a/b.py", 10)
     assert math.isfinite(share)
+
+
+def _check(out, summary, stages):
+    from test_recipes import check_summary
+
+    if stages is None:
+        check_summary(out, summary)
+        return
+    for part in ("metrics_before", "metrics_after", "wall_s"):
+        assert summary[part] and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                     for v in summary[part].values()), summary[part]
+    assert set(summary["wall_s"]) == stages and (out / "summary.md").exists() and (out / "loss.png").exists()
+
+
+def test_domain_smoke(tmp_path, one_thread):
+    from tessera.recipes.runner import run_recipe
+
+    summary = run_recipe("domain", tmp_path, smoke=True)
+    _check(tmp_path, summary, {"prepare", "pretrain (general text)", "fine-tune (every weight)",
+                               "fine-tune (LoRA)", "evaluate", "sample"})
+    before, after = summary["metrics_before"], summary["metrics_after"]
+    assert set(after) == {"domain_ppl", "general_ppl", "domain_ppl (LoRA)", "general_ppl (LoRA)"}
+    assert after["domain_ppl"] < before["domain_ppl"]  # a few steps on the domain already lower its perplexity
+    assert (tmp_path / "lora" / "adapter" / "adapter.safetensors").exists()
+
+
+def test_multilingual_smoke(tmp_path, one_thread):
+    from tessera.recipes.runner import run_recipe
+
+    summary = run_recipe("multilingual", tmp_path, smoke=True)
+    _check(tmp_path, summary, None)
+    after = summary["metrics_after"]
+    for language in LANGUAGES:
+        assert 0 <= after[f"{language} in-script share"] <= 1 and after[f"{language} tokens/char (T=1)"] > 0
+        assert after[f"{language} val_ppl"] < summary["metrics_before"][f"{language} val_ppl"]
+    assert len(summary["samples"]) == len(LANGUAGES)
+
+
+def test_assistant_smoke_and_served(tmp_path, one_thread):
+    """The recipe's DPO checkpoint answers a chat request through `tessera serve` exactly as the
+    recipe's evaluation decodes it (the server's transcript is the template it was tuned on)."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from serve_server import AUTH, start
+
+    from tessera.core.checkpoint import find_checkpoint
+    from tessera.recipes.assistant import answers
+    from tessera.recipes.runner import load_trained, run_recipe
+
+    summary = run_recipe("assistant", tmp_path, smoke=True)
+    _check(tmp_path, summary, {"prepare", "pretrain (general text)", "SFT", "preference pairs", "DPO", "evaluate"})
+    after = summary["metrics_after"]
+    assert after["DPO vs SFT wins"] + after["DPO vs SFT ties"] + after["DPO vs SFT losses"] == 8
+    assert 0 <= after["DPO vs SFT win_rate"] <= 1 and 0 <= after["accuracy"] <= 1
+    pairs = (tmp_path / "data" / "dpo.jsonl").read_text().splitlines()
+    assert len(pairs) == 8 and all(tasks.judge(r["prompt"], r["chosen"]) and not tasks.judge(r["prompt"], r["rejected"])
+                                   for r in map(json.loads, pairs))
+
+    ckpt = find_checkpoint(tmp_path)
+    prompt = "Add: 12 + 30"
+    from tessera.core.tokenizer import load_tokenizer
+
+    expected = answers(load_trained(ckpt), load_tokenizer(ckpt), [prompt], max_new_tokens=20)[0]
+    proc, base = start(ckpt)
+    try:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 20, "temperature": 0}
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip() == expected

@@ -162,9 +162,12 @@ def load_trained(ckpt: Path) -> torch.nn.Module:
 
 
 def run_recipe(name: str, out: str | Path | None = None, smoke: bool = False, overrides: list[str] = ()) -> dict:
-    """Run a recipe's stages and write its summary; the summary as a dict."""
+    """Run a recipe's stages and write its summary; the summary as a dict. A recipe whose 'before'
+    is a model it trains itself (fine-tuning a model it pretrains) runs its own `run(ctx)` instead."""
     module = recipe_module(name)
     ctx = RecipeContext.create(name, out, smoke, overrides)
+    if hasattr(module, "run"):
+        return module.run(ctx)
     with ctx.timer("prepare"):
         module.prepare(ctx)
     with ctx.timer("evaluate before"):
