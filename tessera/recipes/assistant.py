@@ -61,11 +61,19 @@ def prepare(ctx: RecipeContext) -> None:
 
 
 def answers(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
-    """The model's greedy answer to each prompt as a user turn (what `tessera serve` answers at temperature 0)."""
-    from tessera.alignment.text_generation import text_generator
+    """The model's greedy answer to each prompt as a user turn, to its end-of-text token (what
+    `tessera serve` answers at temperature 0), decoded in left-padded batches."""
+    from tessera.alignment.sft_data import render
+    from tessera.core.generate import Sampling, generate_tokens
 
-    generate = text_generator(model, tokenizer, max_new_tokens=max_new_tokens, chat_template=CHAT_TEMPLATE)
-    return [generate(p).strip() for p in prompts]
+    out = []
+    for start in range(0, len(prompts), 64):
+        ids = [tokenizer.encode(render(CHAT_TEMPLATE, [{"role": "user", "content": p}], add_generation_prompt=True))
+               for p in prompts[start:start + 64]]
+        for seq in generate_tokens(model, ids, max_new_tokens, sampling=Sampling(temperature=0),
+                                   stop_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id):
+            out.append(tokenizer.decode(seq[:-1] if seq and seq[-1] == tokenizer.eos_id else seq).strip())
+    return out
 
 
 def accuracy(prompts: list[str], responses: list[str]) -> dict[str, float]:

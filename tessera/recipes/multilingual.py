@@ -94,8 +94,14 @@ def _prompt(message: str) -> str:
 
 
 def _continuations(ctx: RecipeContext, model: torch.nn.Module, messages: list[str]) -> list[str]:
-    """A sampled continuation (temperature 0.8, 40 tokens or to an end-of-text token) of the start of each message."""
-    return [ctx.sample_text(model, _prompt(m), ctx.pick(40, 8), seed=i) for i, m in enumerate(messages)]
+    """Sampled continuations (temperature 0.8, 40 tokens or to an end-of-text token) of the start of
+    each message, decoded as one left-padded batch."""
+    from tessera.core.generate import Sampling, generate_tokens
+
+    tok = ctx.tokenizer()
+    outs = generate_tokens(model, [tok.encode(_prompt(m)) for m in messages], ctx.pick(40, 8),
+                           sampling=Sampling(0.8), stop_ids=[tok.eos_id], pad_id=tok.pad_id, seed=ctx.cfg.train.seed)
+    return [tok.decode([t for t in out if t != tok.eos_id]) for out in outs]
 
 
 def sample(ctx: RecipeContext, model: torch.nn.Module) -> dict[str, str]:
