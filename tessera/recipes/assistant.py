@@ -25,12 +25,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 SMOKE = ["--train.steps=4", "--model.n_layers=2",
          "--model.d_model=32", "--model.d_ff=88", "--eval.every=0", "--checkpoint.every=0", "--log.every=4",
          "--train.compile=false", "--optim.warmup_steps=2", "--train.batch_size=4"]
-SIZES = {"sft": (6000, 40), "dpo": (1200, 8), "heldout": (400, 8)}  # prompts (full, smoke)
+SIZES = {"sft": (6000, 40), "dpo": (800, 8), "heldout": (400, 8)}  # prompts (full, smoke)
 SFT = ["--optim.lr=1e-3", "--optim.min_lr=1e-4", "--optim.warmup_steps=50"]
-SFT_STEPS = (1500, 4)
-DPO = ["--optim.lr=2e-5", "--optim.min_lr=2e-6", "--optim.warmup_steps=10", "--align.beta=0.1",
+SFT_STEPS = (500, 4)
+DPO = ["--optim.lr=5e-5", "--optim.min_lr=5e-6", "--optim.warmup_steps=10", "--align.beta=0.1",
        "--optim.weight_decay=0"]
-DPO_STEPS = (300, 4)
+DPO_STEPS = (150, 4)
 
 
 def prepare(ctx: RecipeContext) -> None:

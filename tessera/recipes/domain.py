@@ -20,7 +20,7 @@ SMOKE = ["--train.steps=12", "--train.seq_len=32", "--model.max_seq_len=32", "--
          "--model.d_model=32", "--model.d_ff=88", "--eval.every=0", "--checkpoint.every=0", "--log.every=4",
          "--train.compile=false", "--optim.warmup_steps=2"]
 # what the fine-tuning stages change in train.toml (the pretraining config); sizes as (full, smoke)
-FINETUNE_STEPS = (300, 6)
+FINETUNE_STEPS = (150, 6)
 FULL = ["--optim.lr=3e-4", "--optim.min_lr=3e-5", "--optim.warmup_steps=20"]
 LORA = ["--lora.r=8", "--lora.alpha=16", "--optim.lr=3e-3", "--optim.min_lr=3e-4", "--optim.warmup_steps=20",
         "--optim.weight_decay=0"]
