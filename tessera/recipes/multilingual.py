@@ -94,14 +94,15 @@ def _prompt(message: str) -> str:
 
 
 def _continuations(ctx: RecipeContext, model: torch.nn.Module, messages: list[str]) -> list[str]:
-    """Sampled continuations (temperature 0.8, 40 tokens or to an end-of-text token) of the start of
-    each message, decoded as one left-padded batch."""
+    """Sampled continuations (temperature 0.8, at most 40 tokens) of the start of each message, up to
+    the end of the message (the first newline: the next message of the mix is in any language),
+    decoded as one left-padded batch. An empty continuation has no letters and so fails the check."""
     from tessera.core.generate import Sampling, generate_tokens
 
     tok = ctx.tokenizer()
     outs = generate_tokens(model, [tok.encode(_prompt(m)) for m in messages], ctx.pick(40, 8),
                            sampling=Sampling(0.8), stop_ids=[tok.eos_id], pad_id=tok.pad_id, seed=ctx.cfg.train.seed)
-    return [tok.decode([t for t in out if t != tok.eos_id]) for out in outs]
+    return [tok.decode([t for t in out if t != tok.eos_id]).split("\n")[0] for out in outs]
 
 
 def sample(ctx: RecipeContext, model: torch.nn.Module) -> dict[str, str]:
