@@ -70,12 +70,12 @@ def sample(ctx: RecipeContext, model: torch.nn.Module) -> str:
 
 
 def run(ctx: RecipeContext) -> dict:
-    """prepare -> pretrain (unless model.init_from) -> full and LoRA fine-tuning -> both evaluated
-    beside the starting model -> summary."""
+    """prepare -> pretrain (unless model.init_from) -> full and LoRA fine-tuning -> the three models
+    evaluated side by side -> summary."""
     from tessera.cli.train import _init_from
     from tessera.core.task import BaseTask
     from tessera.recipes.runner import load_trained, write_summary
-    from tessera.recipes.stages import train_stage
+    from tessera.recipes.stages import stage_context, train_stage
 
     import torch
 
@@ -91,20 +91,10 @@ def run(ctx: RecipeContext) -> dict:
     full = train_stage(ctx, "fine-tune (every weight)", ctx.out, [*tune, *FULL])
     train_stage(ctx, "fine-tune (LoRA)", ctx.out / "lora", [*tune, *LORA])
     with ctx.timer("evaluate"):
-        cfg, init_weights = _init_from(ctx.cfg if ctx.cfg.model.init_from else
-                                       _with_init(ctx, base_source))
-        base = BaseTask.new_transformer(cfg, torch.device("cpu"), init_weights).eval()
-        before = evaluate(ctx, base)
-        after_full = evaluate(ctx, load_trained(full))
-        after_lora = evaluate(ctx, load_trained(ctx.out / "lora" / "merged"))
-    after = {**after_full, **{f"{k} (LoRA)": v for k, v in after_lora.items()}}
+        cfg, init_weights = _init_from(stage_context(ctx, ctx.out, tune[:1]).cfg)
+        models = {"base": BaseTask.new_transformer(cfg, torch.device("cpu"), init_weights).eval(),
+                  "full": load_trained(full), "LoRA": load_trained(ctx.out / "lora" / "merged")}
+        before, after, lora = (evaluate(ctx, m) for m in models.values())
     with ctx.timer("sample"):
-        samples = {f"{PROMPT} (base)": sample(ctx, base), f"{PROMPT} (full)": sample(ctx, load_trained(full)),
-                   f"{PROMPT} (LoRA)": sample(ctx, load_trained(ctx.out / "lora" / "merged"))}
-    return write_summary(ctx, before, after, samples, full)
-
-
-def _with_init(ctx: RecipeContext, source: str):
-    from tessera.core.config import load_config
-
-    return load_config(ctx.config_path, [*ctx.overrides, f'--model.init_from="{source}"'])
+        samples = {f"{PROMPT} ({name})": sample(ctx, m) for name, m in models.items()}
+    return write_summary(ctx, before, {**after, **{f"{k} (LoRA)": v for k, v in lora.items()}}, samples, full)
