@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 TORCH = "torch==2.13.0"
 TRITON = "triton==3.7.1; platform_system == 'Linux'"
 DEEPSPEED = "deepspeed==0.19.8"
+DJANGO = "Django==5.2.19"  # the multilingual recipe reads its translation catalogs; 5.2 is the LTS line for Python 3.10+
 # tessera.interop: ONNX export (torch's exporter needs onnxscript) and checking, HTTP serving.
 INTEROP = ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20", "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27",
            "prometheus-client>=0.20"]
@@ -41,9 +42,11 @@ setup(
         "deepspeed": [DEEPSPEED],
         "interop": INTEROP,
         "vision": VISION,
+        # Recipes: Django for the translation catalogs the multilingual recipe trains on (its data only).
+        "recipes": [DJANGO],
         "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2", TRITON,
                  "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", "import-linter>=2.1", *INTEROP,
-                 *VISION],
+                 *VISION, DJANGO],
     },
     entry_points={"console_scripts": ["tessera=tessera.cli.main:main"]},
 )

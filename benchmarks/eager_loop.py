@@ -4,7 +4,7 @@ No Tessera in the hot path: the model is written for eager speed (one fused QKV 
 fused gate/up matmul, `F.scaled_dot_product_attention` with is_causal, `F.rms_norm`/`F.layer_norm`,
 RoPE tables built once), the batches are random windows of an in-memory token tensor (as
 nanoGPT's), AdamW is torch's fused CPU/GPU kernel, the loss is read once per log interval. The
-work is the recipe's (configs/shakespeare_char.toml): 4 layers, 4 heads, width 128, context 64,
+work is the recipe's (configs/recipes/shakespeare/train.toml): 4 layers, 4 heads, width 128, context 64,
 batch 12, 2000 steps, cosine schedule, clipping, 20 validation batches every 250 steps.
 Prints one JSON line. Only the prepared tokens are read with Tessera, once, before the clock starts.
 

@@ -28,7 +28,7 @@ from tessera.core.model import Transformer  # noqa: E402
 def build_model(ckpt: str | None, max_seq_len: int) -> Transformer:
     if ckpt:
         return load_model_from_checkpoint(ckpt)
-    cfg = load_config(ROOT / "configs" / "shakespeare_char.toml",
+    cfg = load_config(ROOT / "configs" / "recipes" / "shakespeare" / "train.toml",
                       ["--model.vocab_size=69", f"--model.max_seq_len={max_seq_len}"])
     torch.manual_seed(0)
     return Transformer(cfg.model).eval()

@@ -58,7 +58,7 @@ class TimedIterator:
 
 
 def profile_blocks(blocks: str, steps: int, warmup: int, extra: list[str], run_dir: Path) -> dict:
-    cfg = load_config(ROOT / "configs" / "shakespeare_char.toml", [
+    cfg = load_config(ROOT / "configs" / "recipes" / "shakespeare" / "train.toml", [
         f"--train.run_dir={json.dumps(str(run_dir))}", f"--train.steps={warmup + steps}", "--log.progress=false",
         "--checkpoint.every=0", *BLOCKS[blocks], *extra])
     cfg, trainer = build_trainer(cfg)

@@ -61,7 +61,7 @@ def trained_checkpoint(steps: int) -> Path:
         tessera("tokenizer", "train", "--kind", "char", "data/tinyshakespeare.txt", "--out", str(DATA))
         tessera("data", "prepare", "--input", "data/tinyshakespeare.txt", "--tokenizer", str(DATA), "--out", str(DATA),
                 "--shard-tokens", "100000")
-    tessera("train", "configs/shakespeare_char.toml", f"--data.path={DATA}", f"--train.run_dir={run}",
+    tessera("train", "configs/recipes/shakespeare/train.toml", f"--data.path={DATA}", f"--train.run_dir={run}",
             f"--train.steps={steps}", "--eval.every=0", "--checkpoint.every=0", "--log.tensorboard=false",
             "--log.progress=false")
     return find_checkpoint(run)

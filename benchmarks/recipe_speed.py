@@ -4,7 +4,7 @@ Every row is a separate process timed from outside (start-up, data, evaluation, 
 compilation included), run back to back:
 
 - eager_gpt2 / eager_llama: benchmarks/eager_loop.py, fp32 eager, nanoGPT's blocks and the recipe's;
-- recipe_cold: `tessera train configs/shakespeare_char.toml` with empty compile caches
+- recipe_cold: `tessera train configs/recipes/shakespeare/train.toml` with empty compile caches
   (fresh TESSERA_CACHE_DIR and TMPDIR, so torch's precompiled headers are rebuilt too);
 - recipe_warm: the same command again, its caches now warm;
 - recipe_fp32_eager: the recipe in fp32 without compilation, the reference of the loss curve;
@@ -64,7 +64,7 @@ def eager_row(arch: str, steps: int, env: dict) -> dict:
 
 
 def tessera_row(name: str, overrides: list[str], steps: int, env: dict, run_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "tessera", "train", "configs/shakespeare_char.toml", f"--train.run_dir={json.dumps(str(run_dir))}",
+    cmd = [sys.executable, "-m", "tessera", "train", "configs/recipes/shakespeare/train.toml", f"--train.run_dir={json.dumps(str(run_dir))}",
            f"--train.steps={steps}", "--log.progress=false", *overrides]
     wall, out = timed(cmd, env)
     records = read_metrics(run_dir)
@@ -73,7 +73,7 @@ def tessera_row(name: str, overrides: list[str], steps: int, env: dict, run_dir:
     return {"row": name, "wall_s": wall, "tokens_per_s": statistics.median(rates) if rates else None,
             "losses": [r["loss"] for r in records if "loss" in r],
             "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1], "speed": speed,
-            "what": "tessera train configs/shakespeare_char.toml " + " ".join(overrides)}
+            "what": "tessera train configs/recipes/shakespeare/train.toml " + " ".join(overrides)}
 
 
 def fresh_env(cache_root: Path) -> dict:

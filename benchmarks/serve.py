@@ -40,7 +40,7 @@ def random_checkpoint(work: Path) -> Path:
     from safetensors.torch import save_model
 
     tokenizer = train_char([CORPUS.read_text()])
-    cfg = load_config(ROOT / "configs" / "shakespeare_char.toml", [f"--model.vocab_size={tokenizer.vocab_size}"]).model
+    cfg = load_config(ROOT / "configs" / "recipes" / "shakespeare" / "train.toml", [f"--model.vocab_size={tokenizer.vocab_size}"]).model
     torch.manual_seed(0)
     ckpt = work / "step_000000"
     ckpt.mkdir()

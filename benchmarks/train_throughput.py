@@ -5,7 +5,7 @@ same learning-rate schedule; they take turns for `--segments` stretches so that 
 falls on both. Reports tokens/s (warm-up steps excluded), the ratio, the final validation loss,
 and the largest relative gap between their loss curves (averaged over 10-step windows).
 
-    python benchmarks/train_throughput.py --recipe char      # configs/shakespeare_char.toml, 2000 steps
+    python benchmarks/train_throughput.py --recipe char      # configs/recipes/shakespeare/train.toml, 2000 steps
     python benchmarks/train_throughput.py --recipe medium    # 6 layers x 384, context 256, 200 steps
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
                  *RECIPES[args.recipe], *extra]
     if args.steps:
         overrides.append(f"--train.steps={args.steps}")
-    cfg, trainer = build_trainer(load_config(ROOT / "configs" / "shakespeare_char.toml", overrides))
+    cfg, trainer = build_trainer(load_config(ROOT / "configs" / "recipes" / "shakespeare" / "train.toml", overrides))
     t = cfg.train
     steps, device = t.steps, trainer.parts.device
 

@@ -81,3 +81,31 @@ def test_sft_with_lora_starts_from_the_hf_model_and_its_tokenizer(hf_dir):
     idx = torch.randint(0, 300, (1, 12))
     with torch.no_grad():  # adapters moved the model away from where it started
         assert (merged(idx) - hf(idx).logits).abs().max() > 1e-4
+
+
+def test_train_with_lora_adapts_only_the_target_layers(hf_dir):
+    """`tessera train --lora.r=4`: continued pretraining of the HF model in which only the adapters
+    learn: in the merged export every weight outside the target layers is the HF model's, bit for bit."""
+    (hf_dir / "empty.toml").write_text("")
+    if not (hf_dir / "data" / "manifest.json").exists():
+        tessera("data", "prepare", "--input", hf_dir / "text.txt", "--tokenizer", hf_dir / "hf", "--out",
+                hf_dir / "data", "--shard-tokens", "4000")
+    out = tessera("train", hf_dir / "empty.toml", f"--model.init_from=hf:{hf_dir / 'hf'}",
+                  f"--data.path={json.dumps(str(hf_dir / 'data'))}", "--train.seq_len=32", "--train.batch_size=8",
+                  "--train.steps=8", "--optim.lr=1e-2", "--eval.every=0", "--log.progress=false",
+                  "--log.tensorboard=false", "--lora.r=4", f"--train.run_dir={json.dumps(str(hf_dir / 'lora_lm'))}")
+    assert "trained steps 0..8" in out and (hf_dir / "lora_lm" / "adapter" / "adapter.safetensors").exists()
+    from safetensors.torch import load_file
+
+    from tessera.core.checkpoint import load_model_from_checkpoint
+    from tessera.interop.hf import load_init_weights
+
+    merged = load_model_from_checkpoint(hf_dir / "lora_lm" / "merged")
+    base = load_model_from_checkpoint(hf_dir / "lora_lm" / "merged")
+    load_init_weights(base, init_from=f"hf:{hf_dir / 'hf'}")
+    targets = set(json.loads((hf_dir / "lora_lm" / "adapter" / "adapter_config.json").read_text())["targets"])
+    adapters = load_file(str(hf_dir / "lora_lm" / "adapter" / "adapter.safetensors"))
+    adapted = {k.rsplit(".lora_", 1)[0] + ".weight" for k in adapters}
+    assert adapted and all(k.split(".")[-2] in targets for k in adapted)
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert changed and changed <= adapted, changed - adapted

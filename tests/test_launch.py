@@ -56,7 +56,7 @@ def write(tmp_path: Path, text: str) -> Path:
     (["--job.backend=torchrun", "--job.nodes=2"], "job.hosts has 0 entries for job.nodes=2"),
     (["--job.nproc_per_node=2", "--parallel.tp=3"], "does not fit job.nodes x processes per node = 2"),
     (["--parallel.tpp=2"], "unknown key parallel.tpp in [parallel]; valid: engine, dp_replicate"),
-    (["--modle.n_layers=2"], "recipe configs/shakespeare_char.toml with its overrides: unknown key modle"),
+    (["--modle.n_layers=2"], "recipe configs/recipes/shakespeare/train.toml with its overrides: unknown key modle"),
     (["--train.seq_len=64"], "train.seq_len=64 exceeds model.max_seq_len=32"),
     (["--recipe.path=nope.toml"], "recipe.path='nope.toml' does not exist"),
 ])
@@ -68,10 +68,10 @@ def test_invalid_launch_configs_name_the_key(overrides, message):
 
 def test_unknown_sections_and_bad_tables_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown section \[train\].*valid: job, parallel, recipe"):
-        load_launch_config(write(tmp_path, '[train]\nsteps = 1\n[recipe]\npath = "configs/shakespeare_char.toml"\n'))
+        load_launch_config(write(tmp_path, '[train]\nsteps = 1\n[recipe]\npath = "configs/recipes/shakespeare/train.toml"\n'))
     with pytest.raises(ConfigError, match="recipe.path is missing"):
         load_launch_config(write(tmp_path, "[job]\nname = 'x'\n"))
-    recipe = '[recipe]\npath = "configs/shakespeare_char.toml"\n'
+    recipe = '[recipe]\npath = "configs/recipes/shakespeare/train.toml"\n'
     with pytest.raises(ConfigError, match="job.env: '1X' is not a valid environment variable name"):
         load_launch_config(write(tmp_path, '[job]\nenv = { 1X = "a" }\n' + recipe))
     with pytest.raises(ConfigError, match="job.setup=.* must be a list of strings"):
@@ -92,7 +92,7 @@ def test_overrides_patch_the_launch_config_or_the_recipe():
 
 
 def test_dry_run_of_one_process_is_python_without_torchrun():
-    assert plan(tiny()) == f"python -m tessera train configs/shakespeare_char.toml {TINY_ARGS}"
+    assert plan(tiny()) == f"python -m tessera train configs/recipes/shakespeare/train.toml {TINY_ARGS}"
 
 
 def test_dry_run_of_one_node_uses_torchrun_standalone_and_restart_env():
@@ -100,7 +100,7 @@ def test_dry_run_of_one_node_uses_torchrun_standalone_and_restart_env():
     assert plan(cfg) == ("PYTHONWARNINGS=ignore::FutureWarning TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[${rank}]:' PYTHONUNBUFFERED=1 "
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node 2 "
                          "--tee 3 --log-dir runs/jobs/tiny-local-ranks --max-restarts 3 "
-                         f"-m tessera train configs/shakespeare_char.toml {TINY_ARGS} --checkpoint.resume=auto")
+                         f"-m tessera train configs/recipes/shakespeare/train.toml {TINY_ARGS} --checkpoint.resume=auto")
 
 
 def test_dry_run_of_torchrun_nodes_gives_one_command_per_node():
@@ -108,7 +108,7 @@ def test_dry_run_of_torchrun_nodes_gives_one_command_per_node():
                "--job.port=29400", "--job.socket_ifname=veth0", "--job.log_ranks=0")
     common = "--nnodes 2 --nproc_per_node 4 --rdzv-id tiny --rdzv-backend c10d --rdzv-endpoint 10.9.0.1:29400"
     logs = "--tee 3 --log-dir runs/jobs/tiny-tiny-ranks --local-ranks-filter 0"
-    train = f"-m tessera train configs/shakespeare_char.toml {TINY_ARGS}"
+    train = f"-m tessera train configs/recipes/shakespeare/train.toml {TINY_ARGS}"
     env = ("PYTHONWARNINGS=ignore::FutureWarning TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[${rank}]:' PYTHONUNBUFFERED=1 "
            "NCCL_SOCKET_IFNAME=veth0 GLOO_SOCKET_IFNAME=veth0")
     assert plan(cfg) == (f"# node 0 (10.9.0.1)\n{env} torchrun {common} --local-addr 10.9.0.1 "
@@ -120,7 +120,7 @@ def test_dry_run_of_torchrun_nodes_gives_one_command_per_node():
 def test_cli_dry_run_prints_and_errors_exit_2():
     run = [sys.executable, "-m", "tessera", "launch", str(LAUNCH / "tiny-local.toml"), "--dry-run"]
     ok = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0 and ok.stdout == f"python -m tessera train configs/shakespeare_char.toml {TINY_ARGS}\n"
+    assert ok.returncode == 0 and ok.stdout == f"python -m tessera train configs/recipes/shakespeare/train.toml {TINY_ARGS}\n"
     bad = subprocess.run([*run, "--job.nodes=-1"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr == "tessera: error: job.nodes=-1 must be positive\n"
 
@@ -156,7 +156,7 @@ def test_sbatch_script_runs_torchrun_per_node_and_requeues_on_the_signal():
     inner = ('torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node 8 --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d '
              '--rdzv-endpoint "$TESSERA_RDZV_ENDPOINT" --rdzv-conf "is_host=$is_host" --tee 3 '
              '--log-dir "runs/jobs/tiny-$SLURM_JOB_ID-ranks" --max-restarts 2 '
-             f"-m tessera train configs/shakespeare_char.toml {TINY_ARGS} --parallel.dp_shard=32 --checkpoint.resume=auto")
+             f"-m tessera train configs/recipes/shakespeare/train.toml {TINY_ARGS} --parallel.dp_shard=32 --checkpoint.resume=auto")
     per_task = f'is_host=false; [ "$SLURM_NODEID" = 0 ] && is_host=true; exec {inner}'
     assert srun == f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(per_task)} &"
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
@@ -195,7 +195,7 @@ def test_sbatch_script_with_one_task_per_process_exports_the_rendezvous():
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --no-requeue" in script
     assert "#SBATCH --cpus-per-task=4" in script and "#SBATCH --gres=gpu:2" in script
     assert 'export MASTER_ADDR="$head_addr"' in script and 'export MASTER_PORT="$port"' in script
-    assert f"srun --kill-on-bad-exit=1 python -m tessera train configs/shakespeare_char.toml {TINY_ARGS} &" in script
+    assert f"srun --kill-on-bad-exit=1 python -m tessera train configs/recipes/shakespeare/train.toml {TINY_ARGS} &" in script
     assert not any("trap" in line or "scontrol requeue" in line for line in script)
     with pytest.raises(ConfigError, match="job.max_restarts needs torchrun"):
         sbatch("--job.slurm_tasks=process", "--job.max_restarts=1")
@@ -323,7 +323,7 @@ def test_demo_script_passes_its_arguments_to_train_not_to_pip(tmp_path):
     subprocess.run(["bash", str(scripts / "demo.sh"), "--train.steps=300"], cwd=tmp_path, env=env, check=True)
     lines = log.read_text().splitlines()
     assert lines[0] == "env.sh got []"
-    assert "tessera train configs/shakespeare_char.toml --overwrite --train.steps=300" in lines
+    assert "tessera recipe shakespeare --train.steps=300" in lines
 
 
 def test_job_registry_finds_by_id_or_newest_name(tmp_path):

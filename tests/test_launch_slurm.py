@@ -72,7 +72,7 @@ def tessera(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def launch(tmp: Path, data: Path, run: str, *extra: str) -> str:
     """Submit the tiny recipe on 2 processes; returns the job id."""
-    out = tessera("launch", str(TINY), f"--recipe.path={ROOT / 'configs/shakespeare_char.toml'}",
+    out = tessera("launch", str(TINY), f"--recipe.path={ROOT / 'configs/recipes/shakespeare/train.toml'}",
                   f"--data.path={data}", f"--train.run_dir={tmp / run}", f"--job.output_dir={tmp / 'jobs'}",
                   f"--job.name={run}", "--job.nproc_per_node=2", "--job.time=10:00",
                   f"--train.steps={STEPS}", "--eval.every=100", "--checkpoint.every=100", "--log.every=10",

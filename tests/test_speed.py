@@ -66,7 +66,7 @@ def test_compile_takes_true_false_and_auto_and_nothing_else(tmp_path):
     for text, expected in (("true", True), ("false", False), ('"auto"', "auto")):
         path.write_text(f"[train]\ncompile = {text}\n")
         assert load_config(path).train.compile == expected
-    recipe = load_config(CONFIGS / "shakespeare_char.toml")
+    recipe = load_config(CONFIGS / "recipes" / "shakespeare" / "train.toml")
     assert recipe.train.compile == "auto" and recipe.train.precision == "auto"
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ['--train.compile="yes"'])

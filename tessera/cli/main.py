@@ -11,10 +11,10 @@ import signal
 import sys
 
 from tessera import __version__
-from tessera.cli import cluster, data, evaluate, interop, prompting, train
+from tessera.cli import cluster, data, evaluate, interop, prompting, recipe, train
 from tessera.cli.errors import EXIT_INTERRUPTED, TrainingInterrupted, exit_status
 
-COMMAND_GROUPS = (data, train, evaluate, prompting, cluster, interop)  # the order `tessera --help` lists them
+COMMAND_GROUPS = (data, train, recipe, evaluate, prompting, cluster, interop)  # the order `tessera --help` lists them
 
 
 def parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ import warnings
 from functools import partial
 
 from tessera.cli.errors import TrainingInterrupted
-from tessera.core.config import ConfigError
 
 RL_STAGES = ("ppo", "grpo")
 SUMMARY_KEYS = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin", "val_i2t_r1", "val_t2i_r1",
@@ -80,10 +79,11 @@ def _export_lora(ckpt, cfg) -> None:
 def _task(command: str, cfg):
     """The task of the command (None: pretraining, `tessera train`)."""
     if command == "train":
-        if cfg.lora.r > 0:
-            raise ConfigError("lora.r > 0 is for fine-tuning stages (tessera sft | dpo | rm | ppo | grpo); "
-                              "tessera train trains every weight")
-        return None
+        if cfg.lora.r == 0:
+            return None
+        from tessera.alignment.lora_lm import LoRALanguageModelingTask
+
+        return LoRALanguageModelingTask(cfg)
     if command == "clip":
         from tessera.multimodal.clip_task import CLIPTask
 
