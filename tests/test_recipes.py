@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tessera.cli.main import main
 from tessera.recipes.code_completion import corpus, is_test_file, split_by_file
@@ -39,8 +40,19 @@ def test_shakespeare_smoke(tmp_path, one_thread):
     assert summary["samples"]["ROMEO:"].startswith("ROMEO:")
 
 
-def test_code_completion_smoke(tmp_path, one_thread):
-    summary = run_recipe("code_completion", tmp_path, smoke=True)
+@pytest.fixture(scope="module")
+def code_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("code")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return out, run_recipe("code_completion", out, smoke=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_code_completion_smoke(code_run):
+    tmp_path, summary = code_run
     check_summary(tmp_path, summary)
     after = summary["metrics_after"]
     assert after["val_loss"] < summary["metrics_before"]["val_loss"]
@@ -49,6 +61,51 @@ def test_code_completion_smoke(tmp_path, one_thread):
     split = json.loads((tmp_path / "data" / "corpus" / "split.json").read_text())
     assert split["val"] and not any(is_test_file(r) for r in split["val"])
     assert any(label.startswith("tested task fibonacci") for label in summary["samples"])
+
+
+def test_serve_completes_code_for_an_editor_with_stop_sequences(code_run):
+    """`tessera serve` on the recipe's checkpoint: /v1/completions with an editor's stop sequences
+    answers the greedy completion computed here, cut before the first stop string."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from serve_server import AUTH, expected_text, start
+
+    from tessera.core.checkpoint import find_checkpoint
+    from tessera.core.tokenizer import load_tokenizer
+
+    ckpt = find_checkpoint(code_run[0])
+    tok = load_tokenizer(ckpt)
+    prompt = "def add(a, b):"
+    full = expected_text(ckpt, tok, prompt, 30)
+    proc, base = start(ckpt)
+    try:
+        body = {"prompt": prompt, "max_tokens": 30, "temperature": 0}
+        editor = ["\ndef ", "\nclass "]
+        out = httpx.post(f"{base}/v1/completions", json={**body, "stop": editor}, headers=AUTH, timeout=60).json()
+        cuts = [full.index(s) for s in editor if s in full]
+        assert out["choices"][0]["text"] == full[:min(cuts, default=len(full))]
+        # a stop string that the completion holds, starting at a newline where it has one, must cut there
+        at = full.find("\n") if "\n" in full[:-2] else 1
+        stop = full[at:at + 3]
+        out = httpx.post(f"{base}/v1/completions", json={**body, "stop": [*editor, stop]}, headers=AUTH, timeout=60).json()
+        first = min(full.index(s) for s in [*editor, stop] if s in full)
+        assert out["choices"][0]["text"] == full[:first] and out["choices"][0]["finish_reason"] == "stop"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("preset, launcher", [("code_gpt2_8gpu", "torchrun --standalone --nproc_per_node 8"),
+                                              ("code_gpt2_4node", "#SBATCH --nodes=4")])
+def test_code_launch_presets_pass_the_dry_run(capsys, preset, launcher):
+    """The GPU presets of the code recipe: accepted by `tessera launch --dry-run` (recipe config and
+    overrides loaded, layout checked against nodes x GPUs, the planner's fit check), GPT-2-124M."""
+    from tessera.core.config import CONFIG_DIR
+
+    assert main(["launch", str(CONFIG_DIR / "launch" / f"{preset}.toml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert launcher in out and "tessera train configs/recipes/code_completion/train.toml" in out
+    assert "--model.preset=gpt2-124m" in out and "Planner" in (CONFIG_DIR / "launch" / f"{preset}.toml").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -161,12 +161,17 @@ def load_trained(ckpt: Path) -> torch.nn.Module:
     return load_model_from_checkpoint(ckpt, "cpu").eval()
 
 
-def run_recipe(name: str, out: str | Path | None = None, smoke: bool = False, overrides: list[str] = ()) -> dict:
-    """Run a recipe's stages and write its summary; the summary as a dict."""
+def run_recipe(name: str, out: str | Path | None = None, smoke: bool = False, overrides: list[str] = (),
+               prepare_only: bool = False) -> dict | None:
+    """Run a recipe's stages and write its summary; the summary as a dict (None with `prepare_only`:
+    the data alone, for a launch config that trains elsewhere)."""
     module = recipe_module(name)
     ctx = RecipeContext.create(name, out, smoke, overrides)
     with ctx.timer("prepare"):
         module.prepare(ctx)
+    if prepare_only:
+        print(f"prepared {ctx.data_dir} in {ctx.timings['prepare']:.1f} s")
+        return None
     with ctx.timer("evaluate before"):
         before = module.evaluate(ctx, ctx.initial_model())
     with ctx.timer("train"):
