@@ -26,7 +26,7 @@ def add_parsers(sub) -> None:
                         "--section.key=value ...", epilog=_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_argument("name", metavar="NAME", choices=recipe_names(), help="the recipe (listed below)")
     rp.add_argument("--smoke", action="store_true", help="tiny sizes: the whole recipe in seconds (what the tests run)")
-    rp.add_argument("--out", help="run directory (default: the recipe's train.run_dir)")
+    rp.add_argument("--out", help="run directory (default: the recipe's train.run_dir; with --smoke, that + _smoke)")
     rp.add_argument("--prepare-only", action="store_true",
                     help="prepare the data (data.path) and stop: for a launch config that trains elsewhere")
     rp.set_defaults(func=cmd_recipe, takes_overrides=True)

@@ -45,8 +45,9 @@ class RecipeContext:
     """What every stage of a recipe reads: where to write, how big to be, the run's config.
 
     `cfg` is `configs/recipes/NAME/train.toml` with, in order, the recipe's `SMOKE` overrides (when
-    `smoke`), `--train.run_dir=OUT` (when `--out` is given), a smoke run's data kept in `OUT/data`,
-    and the user's `--section.key=value` overrides last, so the user always wins."""
+    `smoke`), `--train.run_dir=OUT` (when `--out` is given; a smoke run's default is the full run's
+    directory + `_smoke`), a smoke run's data kept in `OUT/data`, and the user's `--section.key=value`
+    overrides last, so the user always wins."""
 
     name: str
     smoke: bool
@@ -60,11 +61,12 @@ class RecipeContext:
                overrides: list[str] = ()) -> RecipeContext:
         module = recipe_module(name)
         base = list(getattr(module, "SMOKE", [])) if smoke else []
+        if smoke and out is None:  # never over a full run's checkpoints
+            out = f"{load_config(cls.config_path_of(name), [*base, *overrides]).train.run_dir}_smoke"
         if out is not None:
             base.append(f'--train.run_dir="{out}"')
         if smoke:
-            run_dir = out if out is not None else load_config(cls.config_path_of(name), [*base, *overrides]).train.run_dir
-            base.append(f'--data.path="{Path(run_dir) / "data"}"')
+            base.append(f'--data.path="{Path(out) / "data"}"')
         merged = [*base, *overrides]
         command = " ".join(["tessera recipe", name, *(["--smoke"] if smoke else []), *([f"--out {out}"] if out else []),
                             *overrides])
