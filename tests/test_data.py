@@ -24,6 +24,26 @@ def test_prepare_splits_the_bundled_corpus_90_10(tmp_path):
     assert tok.decode(all_tokens(manifest, "val")[:50].tolist()) == text[1_003_854:1_003_904]
 
 
+def test_val_inputs_split_by_file(tmp_path, char_tokenizer):
+    """With val_inputs every train token comes from the train files and every val token from the val
+    files, whole documents each, whatever val_fraction says."""
+    rng = np.random.default_rng(0)
+    letters = "abcdefgh"
+    docs = ["".join(rng.choice(list(letters), int(rng.integers(5, 40)))) for _ in range(7)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:5]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[5:]))
+    manifest = prepare([str(tmp_path / "train.jsonl")], char_tokenizer, tmp_path / "out", val_fraction=0.5,
+                       shard_tokens=16, val_inputs=[str(tmp_path / "val.jsonl")])
+    eos = [char_tokenizer.eos_id]
+    joined = lambda ds: sum(([*char_tokenizer.encode(d), *eos] for d in ds), [])[:-1]  # noqa: E731
+    assert all_tokens(manifest, "train").tolist() == joined(docs[:5])
+    assert all_tokens(manifest, "val").tolist() == joined(docs[5:])
+    assert manifest.sources == [str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")]
+    with pytest.raises(DataError, match="val inputs 0"):
+        (tmp_path / "empty.txt").write_text("")
+        prepare([str(tmp_path / "train.jsonl")], char_tokenizer, tmp_path / "o2", val_inputs=[str(tmp_path / "empty.txt")])
+
+
 def test_manifest_records_shards_and_tokenizer(prepared, char_tokenizer, corpus_text):
     raw = json.loads((prepared.root / "manifest.json").read_text())
     assert raw["tokenizer_hash"] == char_tokenizer.hash

@@ -56,6 +56,7 @@ def test_perplexity_max_batches_takes_the_first_batches_with_a_progress_bar(prep
         logits = model(windows[:, :-1])
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), windows[:, 1:].reshape(-1)).item()
     assert first["nll"] == pytest.approx(nll, rel=1e-9)
+    assert perplexity(model, prepared, "val", seq_len=50, batch_size=7, device=cpu, max_batches=2) == first  # no bar
     whole = perplexity(model, prepared, "val", seq_len=50, batch_size=7, device=cpu, max_batches=10_000)
     assert whole == perplexity(model, prepared, "val", seq_len=50, batch_size=7, device=cpu)
     with pytest.raises(ValueError, match="max_batches"):

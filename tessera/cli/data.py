@@ -27,7 +27,7 @@ def cmd_data_prepare(args) -> None:
     from tessera.core.tokenizer import load_tokenizer
 
     manifest = prepare(args.input, load_tokenizer(args.tokenizer), args.out, args.val_fraction,
-                       args.shard_tokens, args.sample_tokens, args.text_field)
+                       args.shard_tokens, args.sample_tokens, args.text_field, args.val_input)
     counts = ", ".join(f"{k}: {manifest.tokens(k):,} tokens in {len(v)} shards" for k, v in manifest.splits.items())
     read = ", ".join(manifest.sources[:5]) + (f" and {len(manifest.sources) - 5} more" if len(manifest.sources) > 5 else "")
     print(f"read {len(manifest.sources)} files: {read}")
@@ -78,7 +78,8 @@ def add_parsers(sub) -> None:
     dp.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or directories")
     dp.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
     dp.add_argument("--out", required=True)
-    dp.add_argument("--val-fraction", type=float, default=0.1)
+    dp.add_argument("--val-fraction", type=float, default=0.1, help="the last share of the token stream that validates")
+    dp.add_argument("--val-input", nargs="+", help="files or directories that are the val split instead (a split by file)")
     dp.add_argument("--shard-tokens", type=int, default=0,
                     help="tokens per shard (default 0: sized so every split has at least 8 shards, at most 2^20 tokens each)")
     dp.add_argument("--sample-tokens", type=int, default=4096)

@@ -9,7 +9,7 @@ from tessera.recipes.runner import RECIPES_DIR, recipe_names
 def cmd_recipe(args, overrides: list[str]) -> None:
     from tessera.recipes.runner import run_recipe
 
-    run_recipe(args.name, args.out, args.smoke, overrides)
+    run_recipe(args.name, args.out, args.smoke, overrides, args.prepare_only)
 
 
 def _listing() -> str:
@@ -26,5 +26,7 @@ def add_parsers(sub) -> None:
                         "--section.key=value ...", epilog=_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_argument("name", metavar="NAME", choices=recipe_names(), help="the recipe (listed below)")
     rp.add_argument("--smoke", action="store_true", help="tiny sizes: the whole recipe in seconds (what the tests run)")
-    rp.add_argument("--out", help="run directory (default: the recipe's train.run_dir)")
+    rp.add_argument("--out", help="run directory (default: the recipe's train.run_dir; with --smoke, that + _smoke)")
+    rp.add_argument("--prepare-only", action="store_true",
+                    help="prepare the data (data.path) and stop: for a launch config that trains elsewhere")
     rp.set_defaults(func=cmd_recipe, takes_overrides=True)

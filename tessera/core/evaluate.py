@@ -23,17 +23,18 @@ def perplexity(model: torch.nn.Module, manifest: Manifest, split: str, seq_len: 
     if max_batches < 0:
         raise ValueError(f"max_batches={max_batches} must be >= 0 (0: the whole split)")
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, done = 0.0, 0, 0
     shards = manifest.shards(split)
     windows = ShardReader(manifest).windows(shards, seq_len + 1)
     batches = -(-sum(s.tokens for s in shards) // (seq_len + 1) // batch_size)
     limit = min(batches, max_batches) if max_batches else batches
     with tqdm(total=limit, desc=f"perplexity ({split})", unit="batch", disable=not progress) as bar:
-        while (not max_batches or bar.n < max_batches) and (batch := list(itertools.islice(windows, batch_size))):
+        while (not max_batches or done < max_batches) and (batch := list(itertools.islice(windows, batch_size))):
             data = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
             x, y = data[:, :-1], data[:, 1:]
             total_nll += model(x, y).double().item() * y.numel()
             total_tokens += y.numel()
+            done += 1  # counted here: a disabled bar does not count
             bar.update()
     if not total_tokens:
         raise ValueError(f"the {split} split holds no window of {seq_len + 1} tokens")

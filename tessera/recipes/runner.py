@@ -45,8 +45,9 @@ class RecipeContext:
     """What every stage of a recipe reads: where to write, how big to be, the run's config.
 
     `cfg` is `configs/recipes/NAME/train.toml` with, in order, the recipe's `SMOKE` overrides (when
-    `smoke`), `--train.run_dir=OUT` (when `--out` is given), a smoke run's data kept in `OUT/data`,
-    and the user's `--section.key=value` overrides last, so the user always wins."""
+    `smoke`), `--train.run_dir=OUT` (when `--out` is given; a smoke run's default is the full run's
+    directory + `_smoke`), a smoke run's data kept in `OUT/data`, and the user's `--section.key=value`
+    overrides last, so the user always wins."""
 
     name: str
     smoke: bool
@@ -60,11 +61,12 @@ class RecipeContext:
                overrides: list[str] = ()) -> RecipeContext:
         module = recipe_module(name)
         base = list(getattr(module, "SMOKE", [])) if smoke else []
+        if smoke and out is None:  # never over a full run's checkpoints
+            out = f"{load_config(cls.config_path_of(name), [*base, *overrides]).train.run_dir}_smoke"
         if out is not None:
             base.append(f'--train.run_dir="{out}"')
         if smoke:
-            run_dir = out if out is not None else load_config(cls.config_path_of(name), [*base, *overrides]).train.run_dir
-            base.append(f'--data.path="{Path(run_dir) / "data"}"')
+            base.append(f'--data.path="{Path(out) / "data"}"')
         merged = [*base, *overrides]
         command = " ".join(["tessera recipe", name, *(["--smoke"] if smoke else []), *([f"--out {out}"] if out else []),
                             *overrides])
@@ -161,15 +163,20 @@ def load_trained(ckpt: Path) -> torch.nn.Module:
     return load_model_from_checkpoint(ckpt, "cpu").eval()
 
 
-def run_recipe(name: str, out: str | Path | None = None, smoke: bool = False, overrides: list[str] = ()) -> dict:
-    """Run a recipe's stages and write its summary; the summary as a dict. A recipe whose 'before'
-    is a model it trains itself (fine-tuning a model it pretrains) runs its own `run(ctx)` instead."""
+def run_recipe(name: str, out: str | Path | None = None, smoke: bool = False, overrides: list[str] = (),
+               prepare_only: bool = False) -> dict | None:
+    """Run a recipe's stages and write its summary; the summary as a dict (None with `prepare_only`:
+    the data alone, for a launch config that trains elsewhere). A recipe whose 'before' is a model it
+    trains itself (fine-tuning a model it pretrains) runs its own `run(ctx)` instead."""
     module = recipe_module(name)
     ctx = RecipeContext.create(name, out, smoke, overrides)
-    if hasattr(module, "run"):
+    if hasattr(module, "run") and not prepare_only:
         return module.run(ctx)
     with ctx.timer("prepare"):
         module.prepare(ctx)
+    if prepare_only:
+        print(f"prepared {ctx.data_dir} in {ctx.timings['prepare']:.1f} s")
+        return None
     with ctx.timer("evaluate before"):
         before = module.evaluate(ctx, ctx.initial_model())
     with ctx.timer("train"):

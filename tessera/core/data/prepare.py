@@ -1,7 +1,8 @@
 """Turn text files into WebDataset shards of token arrays plus a manifest.
 
 Documents (a .txt file, or one line of a .jsonl file) are tokenized and joined with the eos
-token; the first (1 - val_fraction) of the token stream is the train split, the rest is val.
+token; the first (1 - val_fraction) of the token stream is the train split, the rest is val, or
+(`val_inputs`) the split is by file.
 Each shard holds `shard_tokens` tokens as samples of at most `sample_tokens` tokens stored as
 `.npy`; by default (0) shards are sized so that every split has at least MIN_SHARDS of them,
 enough for 8 data-parallel ranks even on a small corpus, and at most DEFAULT_SHARD_TOKENS
@@ -99,6 +100,23 @@ def _write_split(out: Path, split: str, tokens: np.ndarray, shard_tokens: int, s
     return shards
 
 
+def _tokenize(files: list[Path], tokenizer: Tokenizer, text_field: str, dtype: np.dtype, desc: str
+              ) -> tuple[np.ndarray, int, set[str]]:
+    """The documents of `files` as one eos-joined token stream, with the count of unknown tokens
+    and some of the characters behind them."""
+    pieces: list[np.ndarray] = []
+    unknown, unknown_chars = 0, set()
+    for doc in tqdm(read_documents(files, text_field), desc=desc, unit="doc"):
+        if pieces:
+            pieces.append(np.array([tokenizer.eos_id], dtype=dtype))
+        pieces.append(np.asarray(tokenizer.encode(doc), dtype=dtype))
+        if tokenizer.unk_id is not None and (n := int((pieces[-1] == tokenizer.unk_id).sum())):
+            unknown += n
+            if len(unknown_chars) < 20:
+                unknown_chars |= {c for c in set(doc) if tokenizer.encode(c) == [tokenizer.unk_id]}
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype)), unknown, unknown_chars
+
+
 def prepare(
     inputs: list[str],
     tokenizer: Tokenizer,
@@ -107,7 +125,10 @@ def prepare(
     shard_tokens: int = 0,
     sample_tokens: int = 4096,
     text_field: str = "text",
+    val_inputs: list[str] | None = None,
 ) -> Manifest:
+    """Shards of `inputs` split by `val_fraction` of the token stream, or, with `val_inputs`, split by
+    file: `inputs` are the train split and `val_inputs` the val split (`val_fraction` unused)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if shard_tokens < 0 or sample_tokens <= 0:
@@ -115,30 +136,28 @@ def prepare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = _token_dtype(tokenizer.vocab_size)
-    pieces: list[np.ndarray] = []
     files = input_files(inputs)
-    unknown, unknown_chars = 0, set()
-    for doc in tqdm(read_documents(files, text_field), desc="tokenizing", unit="doc"):
-        if pieces:
-            pieces.append(np.array([tokenizer.eos_id], dtype=dtype))
-        pieces.append(np.asarray(tokenizer.encode(doc), dtype=dtype))
-        if tokenizer.unk_id is not None and (n := int((pieces[-1] == tokenizer.unk_id).sum())):
-            unknown += n
-            if len(unknown_chars) < 20:
-                unknown_chars |= {c for c in set(doc) if tokenizer.encode(c) == [tokenizer.unk_id]}
+    tokens, unknown, unknown_chars = _tokenize(files, tokenizer, text_field, dtype, "tokenizing")
+    if val_inputs:
+        val_files = input_files(val_inputs)
+        val_tokens, val_unknown, val_chars = _tokenize(val_files, tokenizer, text_field, dtype, "tokenizing val")
+        files, unknown, unknown_chars = [*files, *val_files], unknown + val_unknown, unknown_chars | val_chars
+        if len(tokens) < 2 or len(val_tokens) < 2:
+            raise DataError(f"inputs hold {len(tokens)} tokens and val inputs {len(val_tokens)}; each needs 2 or more")
+    else:
+        n_train = int(len(tokens) * (1.0 - val_fraction))
+        tokens, val_tokens = tokens[:n_train], tokens[n_train:]
     if unknown:
         warnings.warn(f"{unknown:,} characters of the input are not in the tokenizer's vocabulary and became its "
                       f"unknown token (among them {''.join(sorted(unknown_chars)[:20])!r})", stacklevel=2)
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-    if len(tokens) < 2:
-        raise DataError(f"inputs hold {len(tokens)} tokens; nothing to train on")
-    n_train = int(len(tokens) * (1.0 - val_fraction))
+    if len(tokens) + len(val_tokens) < 2:
+        raise DataError(f"inputs hold {len(tokens) + len(val_tokens)} tokens; nothing to train on")
     (out / MANIFEST).unlink(missing_ok=True)
     for stale in out.glob("*.tar"):
         stale.unlink()
-    splits = {"train": _write_split(out, "train", tokens[:n_train], shard_tokens, sample_tokens)}
-    if n_train < len(tokens):
-        splits["val"] = _write_split(out, "val", tokens[n_train:], shard_tokens, sample_tokens)
+    splits = {"train": _write_split(out, "train", tokens, shard_tokens, sample_tokens)}
+    if len(val_tokens):
+        splits["val"] = _write_split(out, "val", val_tokens, shard_tokens, sample_tokens)
     tokenizer.save(out)
     manifest = Manifest(out, dtype.name, tokenizer.vocab_size, tokenizer.hash, splits, sources=[str(f) for f in files],
                         unknown_tokens=unknown, unknown_chars="".join(sorted(unknown_chars)[:20]))
