@@ -46,3 +46,13 @@ def test_recipe_speed_benchmark_smoke(tmp_path):
     for r in rows:
         assert r["wall_s"] > 0 and r["tokens_per_s"] > 0 and 0 < r["val_loss"] < 10 and r["cpu"]
     assert "precision" in rows[1]["speed"] and "| recipe_cold |" in proc.stdout
+
+
+def test_vision_encoder_benchmark_small(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vision_encoder.py"), "--batch", "2", "--steps", "1",
+                           "--layers", "1", "--width", "32", "--image-size", "8", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "vision_encoder.json").read_text())
+    assert result["encoder"]["tokens"] == 5 and [r["batch"] for r in result["rows"]] == [2]
+    assert all(r["images_per_s"] > 0 for r in result["rows"]) and "| batch | images/s |" in proc.stdout

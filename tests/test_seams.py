@@ -10,11 +10,11 @@ from tessera.alignment.dpo import DPOTask
 from tessera.alignment.reward import RewardTask
 from tessera.alignment.rl_task import RLTask, RLUpdate
 from tessera.alignment.sft import SFTTask
-from tessera.alignment.stage import SampleLoader
 from tessera.core import seams
 from tessera.core.checkpoint import Checkpointer
 from tessera.core.config import ModelConfig, load_config
 from tessera.core.data import StreamingLoader
+from tessera.core.data.samples import SampleLoader
 from tessera.core.engine import LocalEngine
 from tessera.core.metrics import MetricsLogger, NullMetrics
 from tessera.core.model import Transformer
@@ -24,6 +24,7 @@ from tessera.distributed.checkpoint import ShardedCheckpointer
 from tessera.distributed.deepspeed_engine import DeepSpeedCheckpointer, DeepSpeedEngine, DeepSpeedPlacement
 from tessera.distributed.engine import DistributedEngine
 from tessera.distributed.placement import ParallelPlacement, placement_for
+from tessera.multimodal.clip_task import CLIPTask
 from tessera.multimodal.image_loader import ImageTextLoader
 
 IMPLEMENTATIONS = {
@@ -32,7 +33,7 @@ IMPLEMENTATIONS = {
     seams.CheckpointStore: [Checkpointer, ShardedCheckpointer, DeepSpeedCheckpointer],
     seams.MetricsWriter: [MetricsLogger, NullMetrics],
     seams.BatchLoader: [StreamingLoader, SampleLoader, ImageTextLoader],
-    seams.Task: [LanguageModelingTask, SFTTask, RewardTask, DPOTask, RLTask],
+    seams.Task: [LanguageModelingTask, SFTTask, RewardTask, DPOTask, RLTask, CLIPTask],
     seams.Update: [RLUpdate],
 }
 

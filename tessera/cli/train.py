@@ -1,4 +1,4 @@
-"""`tessera train | sft | rm | dpo | ppo | grpo`: a run assembled from its config, the placement the
+"""`tessera train | sft | rm | dpo | ppo | grpo | clip`: a run assembled from its config, the placement the
 launcher's environment implies, the task the command names, and the one trainer."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from tessera.cli.errors import TrainingInterrupted
 from tessera.core.config import ConfigError
 
 RL_STAGES = ("ppo", "grpo")
-SUMMARY_KEYS = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin")
+SUMMARY_KEYS = ("loss", "val_loss", "tokens_per_s", "accuracy", "val_accuracy", "val_margin", "val_i2t_r1", "val_t2i_r1",
+                "val_zero_shot_acc")
 RL_SUMMARY_KEYS = ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_len")
 
 
@@ -31,6 +32,10 @@ def cmd_train(args, overrides: list[str]) -> None:
     if args.overwrite:
         overrides = [*overrides, "--checkpoint.overwrite=true"]
     cfg, init_weights = _init_from(load_config(args.config, overrides))
+    if args.command == "clip":
+        from tessera.multimodal.clip_task import clip_config
+
+        cfg = clip_config(cfg)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed\b")  # ~170 lines of its own deprecations
     try:
         placement = placement_for(cfg)
@@ -79,6 +84,10 @@ def _task(command: str, cfg):
             raise ConfigError("lora.r > 0 is for fine-tuning stages (tessera sft | dpo | rm | ppo | grpo); "
                               "tessera train trains every weight")
         return None
+    if command == "clip":
+        from tessera.multimodal.clip_task import CLIPTask
+
+        return CLIPTask(cfg)
     if command in RL_STAGES:
         from tessera.alignment.rl_task import RLTask
 
@@ -126,7 +135,8 @@ def add_parsers(sub) -> None:
     stages = (("train", "pretrain a model on prepared shards"),
               ("sft", "supervised fine-tuning on instruction JSONL"),
               ("rm", "a reward model on preference pairs"), ("dpo", "DPO on preference pairs"),
-              ("ppo", "PPO with a reward model or function"), ("grpo", "GRPO with a reward model or function"))
+              ("ppo", "PPO with a reward model or function"), ("grpo", "GRPO with a reward model or function"),
+              ("clip", "CLIP contrastive image-text pretraining"))
     keys = config_keys()
     for stage, what in stages:
         st = sub.add_parser(stage, help=what, description=f"{what}: tessera {stage} CONFIG.toml --section.key=value ...",

@@ -256,6 +256,74 @@ class RLConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """A ViT image encoder (read by tessera.multimodal): patches of `patch_size` pixels, pre-norm
+    blocks of the text model's kernels without the causal mask, a pooled feature per image."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    channels: int = 3
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 128
+    d_ff: int = 0  # 0: 4*d_model
+    norm_eps: float = 1e-5
+    activation: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    pool: Literal["cls", "mean", "map"] = "cls"  # class token, mean of patches, attention-pooling head (SigLIP)
+    pre_norm: bool = False  # a LayerNorm on the embeddings before the blocks (CLIP)
+    final_norm: Literal["tokens", "pooled"] = "tokens"  # "pooled": only the pooled feature is normed (CLIP)
+    patch_bias: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation of pixels in [0, 1]
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    init_from: str = ""  # "hf:DIR": a Hugging Face CLIP or SigLIP vision tower, architecture and weights
+
+    def __post_init__(self):
+        for key in ("image_size", "patch_size", "channels", "n_layers", "n_heads", "d_model"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"vision.{key}={getattr(self, key)} must be >= 1")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size={self.image_size} must be divisible by "
+                              f"vision.patch_size={self.patch_size}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"vision.d_model={self.d_model} must be divisible by vision.n_heads={self.n_heads}")
+        if self.d_ff < 0 or not self.norm_eps > 0 or not 0 <= self.dropout < 1 or min(self.image_std) <= 0:
+            raise ConfigError(f"vision.d_ff={self.d_ff} must be >= 0, vision.norm_eps={self.norm_eps} > 0, "
+                              f"vision.dropout={self.dropout} in [0, 1), vision.image_std={list(self.image_std)} > 0")
+        if self.pool == "map" and self.final_norm == "pooled":
+            raise ConfigError("vision.pool='map' pools the normed tokens: set vision.final_norm='tokens'")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Patches, plus the class token with pool = "cls"."""
+        return self.num_patches + (self.pool == "cls")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Contrastive image-text pretraining (`tessera clip`, read by tessera.multimodal). data.path is a
+    folder of images with a captions.jsonl; data.tokenizer the text tower's tokenizer."""
+
+    embed_dim: int = 64  # the shared embedding space of both towers
+    temperature: float = 0.07  # initial; the logit scale 1/temperature is learned
+    max_logit_scale: float = 100.0
+    val_path: str = ""  # held-out folder of the same kind (retrieval and zero-shot accuracy at evaluation)
+    prompt: str = "a photo of a {label}"  # zero-shot class prompt, for records with a "label"
+
+    def __post_init__(self):
+        if self.embed_dim < 1 or not 0 < self.temperature or not self.max_logit_scale >= 1 / self.temperature:
+            raise ConfigError(f"clip.embed_dim={self.embed_dim} must be >= 1, clip.temperature={self.temperature} > 0 "
+                              f"and clip.max_logit_scale={self.max_logit_scale} >= 1/temperature")
+        if "{label}" not in self.prompt:
+            raise ConfigError(f"clip.prompt={self.prompt!r} must contain {{label}}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -269,6 +337,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:

@@ -38,9 +38,22 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[t
     return angles.cos(), angles.sin()
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {  # the MLP's non-linearity by name (vision towers imported from Hugging Face differ)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "quick_gelu": quick_gelu,
+}
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal  # False: every position sees every other (vision encoders)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
@@ -58,30 +71,31 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = kernels.attention(
-            q, k, v, causal=True, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
+            q, k, v, causal=self.causal, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, activation: str = "gelu_tanh"):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.act = ACTIVATIONS[activation]
         self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
         self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias) if self.swiglu else None
         self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
-        h = kernels.swiglu(self.gate(x), self.up(x)) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
+        h = kernels.swiglu(self.gate(x), self.up(x)) if self.swiglu else self.act(self.up(x))
         return self.down(h)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool = True, activation: str = "gelu_tanh"):
         super().__init__()
-        self.attn_norm, self.attn = Norm(cfg), Attention(cfg)
-        self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg)
+        self.attn_norm, self.attn = Norm(cfg), Attention(cfg, causal)
+        self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg, activation)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, *, rope=None, doc_ids=None, key_padding_mask=None, cache=None, layer=0):

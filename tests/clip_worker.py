@@ -1,0 +1,77 @@
+"""CLIP's contrastive step on 2 FSDP2 ranks against one process on the same global batch.
+
+Usage: torchrun --nproc_per_node 2 tests/clip_worker.py OUT.pt
+Rank 0 then computes the one-process reference; OUT.pt holds both losses, the gradients of every
+parameter (gathered from the shards) and the evaluation metrics, for tests/test_clip.py.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from tessera.core.config import ClipConfig, ModelConfig, OptimConfig, ParallelConfig, VisionConfig
+from tessera.core.engine import LocalEngine
+from tessera.core.optim import build_optimizer
+from tessera.distributed.engine import DistributedEngine
+from tessera.distributed.env import destroy, init_distributed
+from tessera.distributed.mesh import ParallelDims
+from tessera.distributed.parallelize import parallelize
+from tessera.multimodal.clip import CLIP, clip_objective
+
+BATCH, SEQ, VOCAB = 6, 8, 23
+VISION = VisionConfig(image_size=8, patch_size=4, n_layers=2, n_heads=2, d_model=16)
+TEXT = ModelConfig(vocab_size=VOCAB, n_layers=2, n_heads=2, d_model=16, max_seq_len=SEQ, bias=True)
+OPTIM = OptimConfig(lr=1e-2, eps=1e-6, impl="foreach")
+
+
+def global_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"pixels": torch.randn(BATCH, 3, 8, 8, generator=g),
+            "input_ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+            "lengths": torch.randint(1, SEQ + 1, (BATCH,), generator=g),
+            "caption_ids": torch.tensor([0, 1, 2, 2, 3, 4]), "labels": torch.tensor([0, 2, 1, 1, 0, 2]),
+            "class_ids": torch.randint(0, VOCAB, (3, SEQ), generator=g), "class_lengths": torch.tensor([2, 5, 8])}
+
+
+def run(engine, batch: dict) -> dict:
+    """Loss and gradients of a first step, then the loss and metrics of an evaluation after it."""
+    loss = engine.forward_backward(batch)
+    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+             for n, p in engine.model.named_parameters()}
+    engine.clip_grad_norm(0.0)
+    engine.step()
+    engine.zero_grad()
+    return {"loss": loss, "grads": grads, "eval": engine.eval_loss(batch), "metrics": dict(engine.metrics)}
+
+
+def main() -> None:
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = CLIP(VISION, TEXT, ClipConfig(embed_dim=8))
+    reference = copy.deepcopy(model)
+    batch = global_batch()
+    out = {}
+    parallel = ParallelConfig(dp_shard=2)
+    dims = ParallelDims.resolve(parallel, env.world_size)
+    parallelize(model, parallel, dims, dims.build_mesh("cpu"))
+    engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
+    engine.objective = clip_objective
+    per_rank = BATCH // env.world_size
+    rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)  # every rank has all the class prompts
+    out["fsdp"] = run(engine, {k: v if k.startswith("class_") else v[rows] for k, v in batch.items()})
+    destroy()
+    if env.rank == 0:  # after the group is gone: one process, no gathering
+        out["reference"] = run(LocalEngine(reference, build_optimizer(reference, OPTIM, env.device), env.device,
+                                           objective=clip_objective), batch)
+        torch.save(out, sys.argv[1])
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as tests/distributed_worker.py: skip the teardown where gloo may abort

@@ -1,0 +1,216 @@
+"""CLIP: the retrieval metrics against brute force, the contrastive loss and its gradients against a
+float64 closed form, 2 FSDP ranks against one process, and `tessera clip` through the one trainer
+(evaluation metrics, exact resume, clear errors)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.cli.main import main
+from tessera.core.build import build_trainer
+from tessera.core.config import ClipConfig, ModelConfig, VisionConfig, load_config
+from tessera.core.metrics import read_metrics
+from tessera.core.tokenizer import train_char
+from tessera.multimodal.clip import CLIP, contrastive_loss
+from tessera.multimodal.clip_task import CLIPTask, clip_config
+from tessera.multimodal.retrieval import recall_at_k, zero_shot_accuracy
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_recall_matches_brute_force():
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=(23, 17))
+    relevant = rng.random((23, 17)) < 0.1
+    relevant[3] = False  # a query with no right answer is never found
+    got = recall_at_k(torch.tensor(sim), torch.tensor(relevant), ks=(1, 2, 5, 10, 40))
+    for k, value in got.items():
+        found = [relevant[q][np.argsort(-sim[q])[:k]].any() for q in range(23)]
+        assert value.item() == pytest.approx(np.mean(found), abs=1e-6)  # a float32 mean of 0/1 values
+
+
+def test_zero_shot_accuracy_matches_brute_force():
+    rng = np.random.default_rng(1)
+    image, classes, labels = rng.normal(size=(19, 6)), rng.normal(size=(4, 6)), rng.integers(0, 4, 19)
+    expected = np.mean([np.argmax(classes @ image[i]) == labels[i] for i in range(19)])
+    got = zero_shot_accuracy(torch.tensor(image), torch.tensor(classes), torch.tensor(labels))
+    assert got.item() == pytest.approx(expected)
+
+
+def test_contrastive_loss_and_gradients_match_the_closed_form():
+    """Loss: mean of both directions' cross-entropies; gradient of the i2t logits softmax - onehot."""
+    g = torch.Generator().manual_seed(0)
+    n, d, s = 7, 5, 3.7
+    image = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    loss = contrastive_loss(image, text, torch.tensor(s, dtype=torch.float64))
+    loss.backward()
+    i, t = image.detach().numpy(), text.detach().numpy()
+    logits = s * i @ t.T
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p_rows, p_cols = softmax(logits), softmax(logits.T)
+    expected = -(np.log(np.diag(p_rows)).mean() + np.log(np.diag(p_cols)).mean()) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    g_rows, g_cols = (p_rows - np.eye(n)) / n, (p_cols - np.eye(n)) / n
+    np.testing.assert_allclose(image.grad.numpy(), s * (g_rows @ t + g_cols.T @ t) / 2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(text.grad.numpy(), s * (g_rows.T @ i + g_cols @ i) / 2, rtol=1e-10, atol=1e-12)
+
+
+def tiny_clip(**vision) -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(VisionConfig(image_size=8, patch_size=4, n_layers=1, n_heads=2, d_model=16, **vision),
+                ModelConfig(vocab_size=20, n_layers=1, n_heads=2, d_model=16, max_seq_len=10), ClipConfig(embed_dim=8))
+
+
+def test_text_feature_is_the_last_token_of_the_caption():
+    model = tiny_clip()
+    ids = torch.randint(0, 20, (2, 10))
+    lengths = torch.tensor([4, 7])
+    base = model.encode_text(ids, lengths)
+    padded = ids.clone()
+    padded[0, 4:], padded[1, 7:] = 0, 0  # whatever follows the caption is ignored
+    torch.testing.assert_close(model.encode_text(padded, lengths), base, rtol=0, atol=0)
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 20  # its first token is seen
+    assert not torch.allclose(model.encode_text(changed, lengths)[0], base[0])
+    torch.testing.assert_close(base.norm(dim=-1), torch.ones(2))
+
+
+def test_logit_scale_starts_at_the_temperature_and_is_capped():
+    model = tiny_clip()
+    _, _, scale = model(torch.randn(1, 3, 8, 8), torch.zeros(1, 10, dtype=torch.long), torch.tensor([3]))
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    assert model(torch.randn(1, 3, 8, 8))[2].item() == pytest.approx(100.0, rel=1e-6)
+
+
+def test_two_fsdp_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    """Each rank scores its 3 rows against all 6 columns; mean loss and averaged gradients equal one
+    process's. float32 sums of a few hundred terms in another order differ by ~1e-7 relative; 1e-5 of
+    each tensor's largest gradient leaves room for that and catches a missing or doubled term (~10%)."""
+    out = tmp_path / "clip.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(TESTS / "clip_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = torch.load(out)
+    ref, fsdp = result["reference"], result["fsdp"]
+    assert fsdp["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5)
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
+    assert ref["grads"].keys() == fsdp["grads"].keys()
+    for name, grad in ref["grads"].items():
+        # the key biases' true gradient is 0 (softmax ignores them): compared on the model's scale
+        torch.testing.assert_close(fsdp["grads"][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+    assert fsdp["eval"].item() == pytest.approx(ref["eval"].item(), rel=1e-5)  # after one AdamW step
+    assert fsdp["metrics"].keys() == ref["metrics"].keys() >= {"i2t_r1", "t2i_r5", "i2t_r10", "zero_shot_acc"}
+    for key, value in ref["metrics"].items():
+        assert fsdp["metrics"][key].item() == pytest.approx(value.item(), rel=1e-5), key
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}
+
+
+def write_folder(root: Path, n: int, seed: int) -> Path:
+    """`n` tiny noisy PNGs of one colour each, captioned and labelled by it (the synth-scenes layout)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        label = list(COLOURS)[i % len(COLOURS)]
+        pixels = np.clip(np.array(COLOURS[label]) + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i:04d}.png")
+        rows.append({"image": f"{i:04d}.png", "caption": f"a {label} square", "label": label})
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def clip_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip")
+    tokenizer = train_char(["a photo of a red green blue yellow square"]).save(root / "tok")
+    return write_folder(root / "train", 32, 0), write_folder(root / "val", 8, 1), tokenizer
+
+
+def clip_args(clip_data, run_dir, *extra) -> list[str]:
+    train, val, tokenizer = clip_data
+    return [f"--data.path={json.dumps(str(train))}", f"--clip.val_path={json.dumps(str(val))}",
+            f"--data.tokenizer={json.dumps(str(tokenizer))}", f"--train.run_dir={json.dumps(str(run_dir))}",
+            "--vision.image_size=8", "--vision.patch_size=4", "--vision.n_layers=1", "--vision.d_model=16",
+            "--vision.n_heads=2", "--model.n_layers=1", "--model.d_model=16", "--model.n_heads=2",
+            "--model.max_seq_len=24", "--train.seq_len=24", "--train.batch_size=8", "--train.steps=6",
+            "--optim.warmup_steps=1", "--optim.lr=3e-3", "--log.every=1", "--eval.every=3", "--checkpoint.every=0",
+            "--log.progress=false", "--log.tensorboard=false", "--clip.embed_dim=8", *extra]
+
+
+def make(clip_data, run_dir, *extra):
+    cfg = clip_config(load_config(None, clip_args(clip_data, run_dir, *extra)))
+    return build_trainer(cfg, task=CLIPTask(cfg))[1]
+
+
+def logged(run_dir: Path, key: str) -> list:
+    return [(r["step"], r[key]) for r in read_metrics(run_dir) if key in r]
+
+
+def test_clip_trains_evaluates_and_resumes_exactly(clip_data, tmp_path, one_thread):
+    full = make(clip_data, tmp_path / "full")
+    final = full.fit()
+    for key in ("val_loss", "val_i2t_r1", "val_i2t_r5", "val_i2t_r10", "val_t2i_r1", "val_zero_shot_acc",
+                "val_logit_scale"):
+        assert key in final, key
+    assert logged(tmp_path / "full", "val_i2t_r1")[0][0] == 0  # the step-0 baseline
+    assert final["val_i2t_r10"] == 1.0  # 4 distinct captions: any 10 include the right one
+    part = make(clip_data, tmp_path / "part")
+    part.fit(stop_at=3)
+    resumed = make(clip_data, tmp_path / "part", "--checkpoint.resume=auto")
+    assert resumed.step == 3
+    resumed.fit()
+    assert logged(tmp_path / "part", "loss") == logged(tmp_path / "full", "loss")
+    assert logged(tmp_path / "part", "val_t2i_r1") == logged(tmp_path / "full", "val_t2i_r1")
+    keys = full.engine.model.state_dict().keys()
+    assert {"vision.patch_emb.weight", "text.tok_emb.weight", "image_proj.weight", "logit_scale"} <= set(keys)
+    for (name, a), b in zip(full.engine.model.state_dict().items(), resumed.engine.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("no_captions", "must be a folder with captions.jsonl"),
+    ("not_an_image", "cannot be read as an image"),
+    ("bad_row", "a row must be"),
+])
+def test_bad_data_is_one_clear_line(clip_data, tmp_path, capsys, breakage, message):
+    train = write_folder(tmp_path / "data", 8, 2)
+    if breakage == "no_captions":
+        (train / "captions.jsonl").unlink()
+    elif breakage == "not_an_image":
+        (train / "images" / "0003.png").write_bytes(b"not a png")
+    else:
+        (train / "captions.jsonl").write_text('{"image": "0000.png"}\n')
+    config = tmp_path / "clip.toml"
+    config.write_text("")
+    args = clip_args((train, clip_data[1], clip_data[2]), tmp_path / "run")
+    assert main(["clip", str(config), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_tensor_parallel_is_refused(clip_data, tmp_path):
+    cfg = load_config(None, clip_args(clip_data, tmp_path, "--parallel.tp=2"))
+    with pytest.raises(Exception, match="parallel.tp=2"):
+        CLIPTask(cfg).check(cfg, None)
