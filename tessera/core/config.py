@@ -6,6 +6,7 @@ type fails at start-up with one line naming the key and what is valid, not an ho
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -614,7 +615,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False)  # JSON's string escapes are TOML's (newlines included)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)

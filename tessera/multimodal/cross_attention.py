@@ -66,3 +66,9 @@ class CrossAttentionHooks:
 
     def read(self, images: torch.Tensor) -> None:
         self.images = images
+
+    def __deepcopy__(self, memo: dict) -> CrossAttentionHooks:
+        """A copied model's hooks start without images (those of the last call belong to its graph)."""
+        copied = CrossAttentionHooks.__new__(CrossAttentionHooks)
+        copied.images = None
+        return copied
