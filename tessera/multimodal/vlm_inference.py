@@ -4,7 +4,7 @@
 first call (the prompt) places the image tokens where the prompt's `<image>` markers expanded to;
 later calls (one new token each, cached) are text only, except that cross-attention layers read
 the images at every step. Prompts with images must fit the context window with their answer: a
-window that slid past the image would lose it.
+window that slid past the image would lose it, so generation ends where the context does.
 """
 from __future__ import annotations
 
@@ -89,9 +89,10 @@ def generate_with_images(model: VLM, tokenizer: Tokenizer, prompts: Sequence[str
     the (N_i, C, H, W) images of prompt i, one per `<image>` marker, in order."""
     rows = [encode_with_images(tokenizer, p, len(x), model.image_tokens) for p, x in zip(prompts, pixels, strict=True)]
     longest = max(len(ids) for ids, _ in rows)
-    if longest + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"a prompt of {longest} positions (images included) and {max_new_tokens} new tokens exceed "
-                         f"the model's context of {model.cfg.max_seq_len}")
+    if longest >= model.cfg.max_seq_len:
+        raise ValueError(f"a prompt of {longest} positions (images included) fills the model's context of "
+                         f"{model.cfg.max_seq_len}")
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - longest)  # generation ends with the context
     device = next(model.parameters()).device
     mask = torch.zeros(len(rows), longest, dtype=torch.bool)
     for i, (_, flags) in enumerate(rows):  # left-padded, as generate pads the prompts
