@@ -3,8 +3,8 @@ AdamW) for each stage's freeze rule and both fusions.
 
     python benchmarks/vlm_train.py [--batch 16] [--steps 5]
 
-The recipe's sizes (configs/scenes_vlm/vlm.toml): a 3-layer ViT of 64 patch tokens at 32 pixels,
-a 4-layer 128-wide LM, rows of 96 positions (64 image + 32 text, answer loss on the last 8). A
+The recipe's sizes (configs/scenes_vlm/vlm.toml): a 3-layer ViT of 16 patch tokens (8-pixel patches) at 32 pixels,
+a 4-layer 128-wide LM, rows of 48 positions (16 image + 32 text, answer loss on the last 8). A
 token is a position the LM runs (image tokens included). Writes benchmarks/results/vlm_train.json
 and prints a markdown table.
 """
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--patch-size", type=int, default=4)
+    ap.add_argument("--patch-size", type=int, default=8)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--text", type=int, default=32, help="text positions a row")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -60,7 +60,7 @@ def test_vision_encoder_benchmark_small(tmp_path):
 
 def test_vlm_train_benchmark_small(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vlm_train.py"), "--batch", "2", "--steps", "1",
-                           "--image-size", "8", "--width", "32", "--text", "6", "--out", str(tmp_path)],
+                           "--image-size", "8", "--patch-size", "4", "--width", "32", "--text", "6", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "vlm_train.json").read_text())
