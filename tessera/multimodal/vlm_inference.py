@@ -19,7 +19,7 @@ from tessera.core.config import Config, ConfigError, load_config
 from tessera.core.generate import Sampling, generate
 from tessera.core.tokenizer import Tokenizer
 from tessera.multimodal.images import MAX_PIXELS, decode_rgb
-from tessera.multimodal.text_tokens import encode_with_images
+from tessera.multimodal.text_tokens import IMAGE_MARKER, encode_with_images
 from tessera.multimodal.vlm import VLM
 from tessera.multimodal.vlm_task import image_transform
 
@@ -112,3 +112,27 @@ def answers(model: VLM, tokenizer: Tokenizer, prompts: Sequence[str], pixels: Se
             if t is not None and t != tokenizer.eos_id:
                 seq.append(t)
     return [tokenizer.decode(seq) for seq in outs]
+
+
+class PromptEmbedder:
+    """For `tessera serve`: a transcript of text and image bytes -> (the prompt's token ids, its input
+    embeddings (P, d_model) with each image's projected tokens in place). Prefix fusion only: with
+    cross-attention the images are not part of the prompt's embeddings."""
+
+    def __init__(self, model: VLM, cfg: Config, tokenizer: Tokenizer, max_pixels: int = MAX_PIXELS):
+        if model.fusion != "prefix":
+            raise ConfigError(f"tessera serve takes images for vlm.fusion = 'prefix' models; this one is "
+                              f"{model.fusion!r}")
+        self.model, self.cfg, self.tokenizer, self.max_pixels = model, cfg, tokenizer, max_pixels
+
+    @torch.no_grad()
+    def __call__(self, pieces: list[str | bytes]) -> tuple[list[int], torch.Tensor]:
+        images = [p for p in pieces if isinstance(p, bytes)]
+        text = "".join(IMAGE_MARKER if isinstance(p, bytes) else p.replace(IMAGE_MARKER, "") for p in pieces)
+        ids, flags = encode_with_images(self.tokenizer, text, len(images), self.model.image_tokens)
+        device = next(self.model.parameters()).device
+        pixels = torch.stack([image_pixels(b, f"image {i + 1}", self.cfg, self.max_pixels) for i, b in enumerate(images)])
+        features = self.model.encode_images(pixels.to(device))
+        embeds = self.model.lm.tok_emb(torch.tensor(ids, device=device))
+        embeds[torch.tensor(flags, device=device)] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        return ids, embeds
