@@ -97,3 +97,22 @@ def test_generate_and_eval_a_vlm_checkpoint(scene_data, tmp_path, capsys, one_th
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.num_hidden_layers == 2
+
+
+def test_eval_retrieval_of_a_clip_checkpoint(scene_data, tmp_path, capsys, one_thread):  # noqa: F811
+    scenes = scene_data[0].parent / "scenes"
+    config = tmp_path / "clip.toml"
+    config.write_text("")
+    args = [f"--data.path={json.dumps(str(scenes))}", f"--data.tokenizer={json.dumps(str(scene_data[2]))}",
+            f"--train.run_dir={json.dumps(str(tmp_path / 'clip'))}", "--vision.image_size=8", "--vision.patch_size=4",
+            "--vision.n_layers=1", "--vision.d_model=16", "--vision.n_heads=2", "--model.n_layers=1",
+            "--model.d_model=16", "--model.n_heads=2", "--model.max_seq_len=48", "--train.seq_len=48",
+            "--train.batch_size=8", "--train.steps=2", "--log.progress=false", "--log.tensorboard=false",
+            "--eval.every=0", "--clip.embed_dim=8", "--train.device=cpu"]
+    assert main(["clip", str(config), *args]) == 0
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--ckpt", str(tmp_path / "clip"), "--data", str(scenes), "--batch-size", "20",
+                 "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["pairs"] == 48 and 0 <= got["i2t_r1"] <= got["i2t_r5"] <= got["i2t_r10"] <= 1
+    assert main(["eval", "retrieval", "--ckpt", str(tmp_path / "clip"), "--data", str(tmp_path), "--device", "cpu"]) == 2

@@ -91,6 +91,13 @@ def cmd_eval_vqa(args) -> None:
     _vlm_scores(args, vqa_scores)
 
 
+def cmd_eval_retrieval(args) -> None:
+    from tessera.core.placement import resolve_device
+    from tessera.multimodal.clip_eval import retrieval_scores
+
+    print(json.dumps(retrieval_scores(args.ckpt, args.data, args.batch_size, resolve_device(args.device))))
+
+
 def cmd_eval_perplexity(args) -> None:
     from tessera.core.checkpoint import find_checkpoint
     from tessera.core.data import read_manifest
@@ -167,6 +174,13 @@ def add_parsers(sub) -> None:
         ei.add_argument("--max-images", type=int, default=0, help="the first N images only (default 0: all)")
         ei.add_argument("--device", default="auto", choices=DEVICES)
         ei.set_defaults(func=func)
+
+    er = ev.add_parser("retrieval", help="image<->text Recall@1/5/10 of a tessera clip checkpoint on a folder")
+    er.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")
+    er.add_argument("--data", required=True, help="a folder with captions.jsonl and images/")
+    er.add_argument("--batch-size", type=int, default=64)
+    er.add_argument("--device", default="auto", choices=DEVICES)
+    er.set_defaults(func=cmd_eval_retrieval)
 
     pl = sub.add_parser("plot", help="plot a run's loss curves to PNG")
     pl.add_argument("run_dir")
