@@ -112,6 +112,7 @@ def test_freeze_rules_of_the_stages():
         set_trainable(model, VLMConfig(stage=stage).frozen_parts)
         got = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
         assert got == trained, stage
+    assert VLMConfig(stage="instruct", freeze=("none",)).frozen_parts == ()
     with pytest.raises(ConfigError, match="leaves nothing to train"):
         VLMConfig(freeze=("vision", "projector", "lm"))
     with pytest.raises(ConfigError, match="'eyes' is no part"):

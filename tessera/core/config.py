@@ -339,7 +339,7 @@ class VLMConfig:
     stage: Literal["align", "instruct"] = "align"
     projector_hidden: int = 0  # the projector's hidden width; 0: the LM's d_model
     cross_every: int = 2  # cross_attention: a gated layer before blocks 0, k, 2k, ...
-    freeze: tuple[str, ...] = ()  # parts kept fixed; (): the stage's rule (align: vision, lm; instruct: vision)
+    freeze: tuple[str, ...] = ()  # parts kept fixed; (): the stage's rule (align: vision, lm; instruct: vision); ["none"]: train all
     vision_from: str = ""  # a `tessera clip` checkpoint whose vision tower is loaded
     init_from: str = ""  # a `tessera vlm` checkpoint: every part (stage "instruct" starts from stage "align")
     prompt: str = "<image>\n{text}"  # the prompt of a question ({text}); the answer follows it
@@ -350,8 +350,9 @@ class VLMConfig:
             raise ConfigError(f"vlm.projector_hidden={self.projector_hidden} must be >= 0 and "
                               f"vlm.cross_every={self.cross_every} >= 1")
         unknown = [p for p in self.freeze if p not in VLM_PARTS]
-        if unknown:
-            raise ConfigError(f"vlm.freeze={list(self.freeze)}: {unknown[0]!r} is no part; valid: {', '.join(VLM_PARTS)}")
+        if unknown and list(self.freeze) != ["none"]:
+            raise ConfigError(f"vlm.freeze={list(self.freeze)}: {unknown[0]!r} is no part; valid: "
+                              f"{', '.join(VLM_PARTS)}, or ['none'] alone")
         if "{text}" not in self.prompt:
             raise ConfigError(f"vlm.prompt={self.prompt!r} must contain {{text}} (the question)")
         if not set(VLM_PARTS) - set(self.frozen_parts) - ({"cross"} if self.fusion == "prefix" else set()):
@@ -360,7 +361,7 @@ class VLMConfig:
     @property
     def frozen_parts(self) -> tuple[str, ...]:
         if self.freeze:
-            return self.freeze
+            return () if list(self.freeze) == ["none"] else self.freeze
         return ("vision", "lm") if self.stage == "align" else ("vision",)
 
 
