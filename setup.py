@@ -45,8 +45,8 @@ setup(
         # Recipes: Django for the translation catalogs the multilingual recipe trains on (its data only).
         "recipes": [DJANGO],
         "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.45", "pytest-timeout>=2", TRITON,
-                 "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", "import-linter>=2.1", *INTEROP,
-                 *VISION, DJANGO],
+                 "submitit>=1.5", "nvidia-ml-py>=12", DEEPSPEED, "psutil>=5.9", "import-linter>=2.1",
+                 "openai>=1.50,<2", *INTEROP, *VISION, DJANGO],
     },
     entry_points={"console_scripts": ["tessera=tessera.cli.main:main"]},
 )

@@ -56,3 +56,15 @@ def test_vision_encoder_benchmark_small(tmp_path):
     result = json.loads((tmp_path / "vision_encoder.json").read_text())
     assert result["encoder"]["tokens"] == 5 and [r["batch"] for r in result["rows"]] == [2]
     assert all(r["images_per_s"] > 0 for r in result["rows"]) and "| batch | images/s |" in proc.stdout
+
+
+def test_vlm_train_benchmark_small(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vlm_train.py"), "--batch", "2", "--steps", "1",
+                           "--image-size", "8", "--patch-size", "4", "--width", "32", "--text", "6", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "vlm_train.json").read_text())
+    assert [(r["fusion"], r["stage"]) for r in result["rows"]] == [
+        ("prefix", "align"), ("prefix", "instruct"), ("cross_attention", "align"), ("cross_attention", "instruct")]
+    assert result["rows"][0]["tokens_per_step"] == 2 * (4 + 6)  # 4 patch tokens (mean pool) + 6 text
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"]) and "| fusion | stage |" in proc.stdout

@@ -26,6 +26,7 @@ from tessera.distributed.engine import DistributedEngine
 from tessera.distributed.placement import ParallelPlacement, placement_for
 from tessera.multimodal.clip_task import CLIPTask
 from tessera.multimodal.image_loader import ImageTextLoader
+from tessera.multimodal.vlm_task import VLMTask
 
 IMPLEMENTATIONS = {
     seams.Placement: [LocalPlacement, ParallelPlacement, DeepSpeedPlacement],
@@ -33,7 +34,7 @@ IMPLEMENTATIONS = {
     seams.CheckpointStore: [Checkpointer, ShardedCheckpointer, DeepSpeedCheckpointer],
     seams.MetricsWriter: [MetricsLogger, NullMetrics],
     seams.BatchLoader: [StreamingLoader, SampleLoader, ImageTextLoader],
-    seams.Task: [LanguageModelingTask, SFTTask, RewardTask, DPOTask, RLTask, CLIPTask],
+    seams.Task: [LanguageModelingTask, SFTTask, RewardTask, DPOTask, RLTask, CLIPTask, VLMTask],
     seams.Update: [RLUpdate],
 }
 

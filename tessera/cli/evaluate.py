@@ -1,4 +1,5 @@
-"""`tessera generate | eval | plot`: sample from a checkpoint, measure it, and draw a run's curves."""
+"""`tessera generate | eval | plot`: sample from a checkpoint (with images for a `tessera vlm` one), measure it
+(perplexity, text, captions, VQA), and draw a run's curves."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,8 @@ def cmd_generate(args) -> None:
     from tessera.interop.quantize import load_for_inference
 
     ckpt = find_checkpoint(args.ckpt)
+    if args.image:
+        return _generate_with_images(args, ckpt)
     model = load_for_inference(ckpt, resolve_device(args.device))
     tok = load_tokenizer(args.tokenizer or ckpt)
     if tok.vocab_size > model.cfg.vocab_size:
@@ -37,6 +40,62 @@ def cmd_generate(args) -> None:
             sys.stdout.write(stream.push(step[0])[0])
             sys.stdout.flush()
     sys.stdout.write(stream.finish() + "\n")
+
+
+def _generate_with_images(args, ckpt) -> None:
+    """`--image FILE` (one per `<image>` marker; a prompt without one gets the marker first)."""
+    import torch
+
+    from tessera.core.generate import Sampling
+    from tessera.core.placement import resolve_device
+    from tessera.core.tokenizer import load_tokenizer
+    from tessera.multimodal.text_tokens import IMAGE_MARKER
+    from tessera.multimodal.vlm_inference import generate_with_images, image_pixels, load_vlm
+
+    model, cfg = load_vlm(ckpt, resolve_device(args.device))
+    tok = load_tokenizer(args.tokenizer or ckpt)
+    prompt = args.prompt if IMAGE_MARKER in args.prompt else IMAGE_MARKER * len(args.image) + args.prompt
+    pixels = []
+    for path in args.image:
+        if not Path(path).is_file():
+            raise UsageError(f"--image {path}: no such file")
+        pixels.append(image_pixels(Path(path).read_bytes(), path, cfg))
+    out = []
+    for step in generate_with_images(model, tok, [prompt], [torch.stack(pixels)], args.max_new_tokens,
+                                     Sampling(args.temperature, args.top_k, args.top_p), not args.no_cache, args.seed):
+        if step[0] is not None and step[0] not in (tok.eos_id, tok.pad_id, tok.bos_id):
+            out.append(step[0])
+    print(tok.decode(out))
+
+
+def _vlm_scores(args, scores) -> None:
+    from tessera.core.checkpoint import find_checkpoint
+    from tessera.core.placement import resolve_device
+    from tessera.core.tokenizer import load_tokenizer
+    from tessera.multimodal.vlm_inference import load_vlm
+
+    ckpt = find_checkpoint(args.ckpt)
+    model, cfg = load_vlm(ckpt, resolve_device(args.device))
+    print(json.dumps(scores(model, cfg, load_tokenizer(ckpt), args.data, args.batch_size, args.max_images)))
+
+
+def cmd_eval_captions(args) -> None:
+    from tessera.multimodal.vlm_eval import caption_scores
+
+    _vlm_scores(args, caption_scores)
+
+
+def cmd_eval_vqa(args) -> None:
+    from tessera.multimodal.vlm_eval import vqa_scores
+
+    _vlm_scores(args, vqa_scores)
+
+
+def cmd_eval_retrieval(args) -> None:
+    from tessera.core.placement import resolve_device
+    from tessera.multimodal.clip_eval import retrieval_scores
+
+    print(json.dumps(retrieval_scores(args.ckpt, args.data, args.batch_size, resolve_device(args.device))))
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -86,6 +145,8 @@ def add_parsers(sub) -> None:
     ge.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
     ge.add_argument("--tokenizer", help="defaults to the checkpoint's own")
     ge.add_argument("--device", default="auto", choices=DEVICES)
+    ge.add_argument("--image", action="append", default=[],
+                    help="an image for a tessera vlm checkpoint (repeatable: one per <image> in the prompt)")
     ge.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="perplexity on prepared data; BLEU and ROUGE of text"
@@ -103,6 +164,23 @@ def add_parsers(sub) -> None:
     et.add_argument("--pred", required=True)
     et.add_argument("--ref", required=True)
     et.set_defaults(func=cmd_eval_text)
+
+    for what, func, table in (("captions", cmd_eval_captions, "captions.jsonl: exact match, CIDEr-D, BLEU, ROUGE"),
+                              ("vqa", cmd_eval_vqa, "vqa.jsonl: answer accuracy (exact match)")):
+        ei = ev.add_parser(what, help=f"a tessera vlm checkpoint on a folder of images and {table}")
+        ei.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")
+        ei.add_argument("--data", required=True, help="a folder with images/ (as tessera data synth-scenes writes)")
+        ei.add_argument("--batch-size", type=int, default=16)
+        ei.add_argument("--max-images", type=int, default=0, help="the first N images only (default 0: all)")
+        ei.add_argument("--device", default="auto", choices=DEVICES)
+        ei.set_defaults(func=func)
+
+    er = ev.add_parser("retrieval", help="image<->text Recall@1/5/10 of a tessera clip checkpoint on a folder")
+    er.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its newest checkpoint)")
+    er.add_argument("--data", required=True, help="a folder with captions.jsonl and images/")
+    er.add_argument("--batch-size", type=int, default=64)
+    er.add_argument("--device", default="auto", choices=DEVICES)
+    er.set_defaults(func=cmd_eval_retrieval)
 
     pl = sub.add_parser("plot", help="plot a run's loss curves to PNG")
     pl.add_argument("run_dir")

@@ -36,7 +36,26 @@ def cmd_serve(args) -> None:
 
     limits = ServeLimits(max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_tokens)
-    serve(args.ckpt, args.host, args.port, os.environ.get(args.api_key_env) or None, limits, args.device)
+    serve(args.ckpt, args.host, args.port, os.environ.get(args.api_key_env) or None, limits, args.device,
+          loaded=_vision_model(args.ckpt, args.device))
+
+
+def _vision_model(ckpt: str, device: str):
+    """A `tessera vlm` checkpoint's decoder, tokenizer, name and image prompt embedder (None for a text
+    model): interop serves the decoder and knows no vision model, so the images are embedded here."""
+    import torch
+
+    from tessera.core.checkpoint import find_checkpoint
+    from tessera.core.tokenizer import load_tokenizer
+    from tessera.multimodal.vlm_inference import PromptEmbedder, is_vlm_checkpoint, load_vlm
+
+    ckpt = find_checkpoint(ckpt)
+    if not is_vlm_checkpoint(ckpt):
+        return None
+    model, cfg = load_vlm(ckpt, "cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    tokenizer = load_tokenizer(ckpt)
+    return model.lm, tokenizer, ckpt.name, PromptEmbedder(model, cfg, tokenizer)
 
 
 def add_parsers(sub) -> None:

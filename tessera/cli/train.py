@@ -1,4 +1,4 @@
-"""`tessera train | sft | rm | dpo | ppo | grpo | clip`: a run assembled from its config, the placement the
+"""`tessera train | sft | rm | dpo | ppo | grpo | clip | vlm`: a run assembled from its config, the placement the
 launcher's environment implies, the task the command names, and the one trainer."""
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ def _task(command: str, cfg):
         from tessera.multimodal.clip_task import CLIPTask
 
         return CLIPTask(cfg)
+    if command == "vlm":
+        from tessera.multimodal.vlm_task import VLMTask
+
+        return VLMTask(cfg)
     if command in RL_STAGES:
         from tessera.alignment.rl_task import RLTask
 
@@ -136,7 +140,8 @@ def add_parsers(sub) -> None:
               ("sft", "supervised fine-tuning on instruction JSONL"),
               ("rm", "a reward model on preference pairs"), ("dpo", "DPO on preference pairs"),
               ("ppo", "PPO with a reward model or function"), ("grpo", "GRPO with a reward model or function"),
-              ("clip", "CLIP contrastive image-text pretraining"))
+              ("clip", "CLIP contrastive image-text pretraining"),
+              ("vlm", "an image-conditioned LM: stage 'align' (projector on captions) or 'instruct' (VQA)"))
     keys = config_keys()
     for stage, what in stages:
         st = sub.add_parser(stage, help=what, description=f"{what}: tessera {stage} CONFIG.toml --section.key=value ...",

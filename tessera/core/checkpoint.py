@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_model
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from tessera.core.config import ModelConfig, build_section, to_dict
@@ -193,24 +194,49 @@ def refuse_int8(ckpt: str | Path, what: str = "this command") -> None:
                          f"give it the full-precision checkpoint{f' it was made from ({source})' if source else ''}")
 
 
-def load_weights(model: Transformer, ckpt: str | Path) -> None:
+LM_PREFIX = "lm."  # where an image-conditioned LM's checkpoint (tessera vlm) holds its decoder
+
+
+def _part_prefix(model: torch.nn.Module, saved: set[str]) -> str:
+    """"lm." when `model` is a bare decoder and the checkpoint an image-conditioned LM's (its text
+    part is then read: generation, conversion and export work on it), else ""."""
+    own = model.state_dict().keys()
+    return LM_PREFIX if "norm.weight" in own and "norm.weight" not in saved and f"{LM_PREFIX}norm.weight" in saved else ""
+
+
+def text_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's decoder tensors under the decoder's own names (an image-conditioned LM's `lm.*`)."""
+    if "norm.weight" in tensors or f"{LM_PREFIX}norm.weight" not in tensors:
+        return tensors
+    return {k[len(LM_PREFIX):]: v for k, v in tensors.items() if k.startswith(LM_PREFIX)}
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     """Weights from `model.safetensors`, or gathered from DCP shards into this one process."""
     path = Path(ckpt)
     refuse_int8(path)
     if (path / "model.safetensors").exists():
-        load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            prefix = _part_prefix(model, set(f.keys()))
+        if not prefix:
+            load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+            return
+        missing, _ = model.load_state_dict(text_part(load_file(str(path / "model.safetensors"))), strict=False)
+        if set(missing) - ({"lm_head.weight", "tok_emb.weight"} if model.cfg.tie_embeddings else set()):  # one tensor
+            raise ValueError(f"{ckpt}: its text part lacks {sorted(missing)[0]}")
     elif (path / ".metadata").exists():
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        extra = sorted(k[len("model."):] for k in saved if k.startswith("model.")
-                       and k[len("model."):] not in model.state_dict())
+        names = {k[len("model."):] for k in saved if k.startswith("model.")}
+        prefix = _part_prefix(model, names)
+        extra = sorted(k for k in names if k.startswith(prefix) and k[len(prefix):] not in model.state_dict())
         if extra:
             raise ValueError(f"{ckpt} holds weights this model lacks ({extra[0]}, ...): a LoRA run's checkpoint "
                              "is read through its merged/ export")
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": {prefix + k: v for k, v in get_model_state_dict(model).items()}}
         with warnings.catch_warnings():  # DCP warns whenever it runs without a process group
             warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
             dcp.load(state, checkpoint_id=str(path), no_dist=True)  # reads only the model's keys
-        model.load_state_dict(state["model"])
+        model.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()})
     else:
         raise FileNotFoundError(f"{ckpt} is not a checkpoint: no model.safetensors or DCP shards")
 

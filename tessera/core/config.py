@@ -6,6 +6,7 @@ type fails at start-up with one line naming the key and what is valid, not an ho
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -363,6 +364,47 @@ class ClipConfig:
             raise ConfigError(f"clip.prompt={self.prompt!r} must contain {{label}}")
 
 
+VLM_PARTS = ("vision", "projector", "cross", "lm")
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """An image-conditioned LM (`tessera vlm`, read by tessera.multimodal): the [vision] encoder's
+    tokens, mapped by a 2-layer MLP projector to the LM's width, either stand where an `<image>`
+    marker stands in the prompt (prefix) or are read by gated cross-attention layers inserted
+    before every `cross_every`-th decoder block. data.path: image shards of `tessera data
+    prepare-images` (captions for stage "align", question/answer pairs for stage "instruct")."""
+
+    fusion: Literal["prefix", "cross_attention"] = "prefix"
+    stage: Literal["align", "instruct"] = "align"
+    projector_hidden: int = 0  # the projector's hidden width; 0: the LM's d_model
+    cross_every: int = 2  # cross_attention: a gated layer before blocks 0, k, 2k, ...
+    freeze: tuple[str, ...] = ()  # parts kept fixed; (): the stage's rule (align: vision, lm; instruct: vision); ["none"]: train all
+    vision_from: str = ""  # a `tessera clip` checkpoint whose vision tower is loaded
+    init_from: str = ""  # a `tessera vlm` checkpoint: every part (stage "instruct" starts from stage "align")
+    prompt: str = "<image>\n{text}"  # the prompt of a question ({text}); the answer follows it
+    caption_prompt: str = "<image>"  # the prompt of a caption
+
+    def __post_init__(self):
+        if self.projector_hidden < 0 or self.cross_every < 1:
+            raise ConfigError(f"vlm.projector_hidden={self.projector_hidden} must be >= 0 and "
+                              f"vlm.cross_every={self.cross_every} >= 1")
+        unknown = [p for p in self.freeze if p not in VLM_PARTS]
+        if unknown and list(self.freeze) != ["none"]:
+            raise ConfigError(f"vlm.freeze={list(self.freeze)}: {unknown[0]!r} is no part; valid: "
+                              f"{', '.join(VLM_PARTS)}, or ['none'] alone")
+        if "{text}" not in self.prompt:
+            raise ConfigError(f"vlm.prompt={self.prompt!r} must contain {{text}} (the question)")
+        if not set(VLM_PARTS) - set(self.frozen_parts) - ({"cross"} if self.fusion == "prefix" else set()):
+            raise ConfigError(f"vlm.freeze={list(self.frozen_parts)} leaves nothing to train")
+
+    @property
+    def frozen_parts(self) -> tuple[str, ...]:
+        if self.freeze:
+            return () if list(self.freeze) == ["none"] else self.freeze
+        return ("vision", "lm") if self.stage == "align" else ("vision",)
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -379,6 +421,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -680,7 +723,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False)  # JSON's string escapes are TOML's (newlines included)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)

@@ -138,17 +138,19 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final normed hidden states (B, S, d_model) for token ids `idx` (B, S)."""
-        b, s = idx.shape
+        """Final normed hidden states (B, S, d_model) for token ids `idx` (B, S), or for input
+        embeddings (B, S, d_model) given in their place (an image-conditioned LM's image tokens)."""
+        x = self.tok_emb(idx) if inputs_embeds is None else inputs_embeds
+        b, s = x.shape[:2]
         start = cache.length if cache is not None else 0
-        x = self.tok_emb(idx)
         rope = None
         if positions is None and self.pos_emb is None and start + s <= self.cfg.max_seq_len:
-            rope = self.rope_window(start, s, idx.device)
+            rope = self.rope_window(start, s, x.device)
         else:
             if positions is None:
-                positions = torch.arange(start, start + s, device=idx.device).expand(b, s)
+                positions = torch.arange(start, start + s, device=x.device).expand(b, s)
             if self.pos_emb is not None:
                 x = x + self.pos_emb(positions)
             else:
@@ -171,9 +173,10 @@ class Transformer(nn.Module):
         return cos[:, :, start : start + length], sin[:, :, start : start + length]
 
     def forward(self, idx, targets=None, positions=None, doc_ids=None, key_padding_mask=None,
-                cache=None, ignore_index: int = -100):
-        """Mean cross-entropy against `targets` when given; otherwise the logits (B, S, vocab)."""
-        h = self.hidden_states(idx, positions, doc_ids, key_padding_mask, cache)
+                cache=None, ignore_index: int = -100, inputs_embeds=None):
+        """Mean cross-entropy against `targets` when given; otherwise the logits (B, S, vocab).
+        `inputs_embeds` (B, S, d_model) replaces the token lookup (`idx` is then None)."""
+        h = self.hidden_states(idx, positions, doc_ids, key_padding_mask, cache, inputs_embeds)
         if targets is None:
             logits = self.lm_head(h)
             return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -45,7 +45,10 @@ class TrainerParts:
 
 
 def to_device(batch, device: torch.device):
-    """A batch (tensor, tuple or dict of tensors) on `device`."""
+    """A batch (tensor, tuple or dict of tensors) on `device`; other leaves (an image batch's keys
+    and texts) as they are."""
+    if isinstance(batch, (str, bytes, int, float)):
+        return batch
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

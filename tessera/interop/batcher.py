@@ -44,6 +44,7 @@ class Job:
     cancelled: bool = False
     generated: int = 0
     generator: torch.Generator | None = None
+    embeds: torch.Tensor | None = None  # (len(prompt), d_model) input embeddings in place of the prompt's lookup (images)
 
     @property
     def remaining(self) -> int:
@@ -156,7 +157,15 @@ class Batcher:
             tokens[i, longest - len(job.prompt):] = torch.tensor(job.prompt, device=self.device)
             mask[i, longest - len(job.prompt):] = True
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(tokens, positions=positions, key_padding_mask=None if mask.all() else mask, cache=cache)
+        inputs = {}
+        if any(j.embeds is not None for j in jobs):  # prompts with images: embeddings in, the rest looked up
+            embeds = self.model.tok_emb(tokens)
+            for i, job in enumerate(jobs):
+                if job.embeds is not None:
+                    embeds[i, longest - len(job.prompt):] = job.embeds.to(embeds.dtype)
+            tokens, inputs = None, {"inputs_embeds": embeds}
+        logits = self.model(tokens, positions=positions, key_padding_mask=None if mask.all() else mask, cache=cache,
+                            **inputs)
         return logits[:, -1], mask
 
     def _admit(self) -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tessera.core.checkpoint import (
-    find_checkpoint, load_model_from_checkpoint, load_weights, publish, read_model_config, refuse_int8,
+    find_checkpoint, load_model_from_checkpoint, load_weights, publish, read_model_config, refuse_int8, text_part,
 )
 from tessera.core.config import ConfigError, ModelConfig, to_dict
 from tessera.interop.hf_mapping import (
@@ -82,9 +82,10 @@ def _special_token_ids(ckpt: Path) -> dict[str, int]:
 
 
 def read_tessera_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors as stored (dtype kept); sharded (DCP) checkpoints are gathered by the core loader."""
+    """The checkpoint's decoder tensors as stored (dtype kept; an image-conditioned LM's text part);
+    sharded (DCP) checkpoints are gathered by the core loader."""
     if (ckpt / "model.safetensors").exists():
-        return load_file(str(ckpt / "model.safetensors"))
+        return text_part(load_file(str(ckpt / "model.safetensors")))
     return load_model_from_checkpoint(ckpt).state_dict()
 
 

@@ -7,6 +7,12 @@ which batches concurrent requests. Binds 127.0.0.1 unless told otherwise; with a
 route but /health wants `Authorization: Bearer <key>` (the scheme in any case, as RFC 7235 says).
 Every error, a route that does not exist or a bug included, is a JSON body in OpenAI's shape;
 shutdown waits a bounded time for requests in flight, then answers the rest with an error.
+
+Images: chat content parts `{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}`
+go to a `PromptEmbedder` the caller hands in (the CLI wires an image-conditioned LM's; interop
+knows no vision model): the transcript's text and image bytes in order in, the prompt's token ids
+and input embeddings out, which the batcher prefills in place of the lookup. Remote URLs, images
+over the limits and images that do not decode are a 400.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
@@ -31,8 +37,10 @@ from tessera.core.text_stream import TextStream
 from tessera.core.tokenizer import Tokenizer
 from tessera.interop.batcher import Batcher, Job, QueueFull
 from tessera.interop.serve_schema import (
-    ApiError, ChatRequest, CompletionRequest, ServeLimits, check_lengths, parse_request,
+    ApiError, ChatRequest, CompletionRequest, ServeLimits, check_lengths, image_bytes, parse_request,
 )
+
+PromptEmbedder = Callable[[list[str | bytes]], tuple[list[int], torch.Tensor]]  # ValueError/RuntimeError: bad image
 
 
 class Metrics:
@@ -79,8 +87,9 @@ class Metrics:
 
 
 def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits = ServeLimits(),
-               api_key: str | None = None, model_name: str = "tessera") -> FastAPI:
-    """The FastAPI app; the batcher thread starts and stops with the app's lifespan."""
+               api_key: str | None = None, model_name: str = "tessera", embedder: PromptEmbedder | None = None) -> FastAPI:
+    """The FastAPI app; the batcher thread starts and stops with the app's lifespan. With `embedder`,
+    chat messages may hold images."""
     batcher = Batcher(model, limits.max_batch, limits.max_queue, limits.batch_wait_s)
     metrics = Metrics(batcher)
     context = model.cfg.max_seq_len
@@ -147,6 +156,22 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
         finally:
             job.cancelled = True
 
+    async def encode(req) -> tuple[list[int], torch.Tensor | None]:
+        """The prompt's token ids, and its input embeddings when it holds images."""
+        if not isinstance(req, ChatRequest) or embedder is None:
+            return tokenizer.encode(req.prompt_text()), None
+        pieces = req.prompt_pieces()
+        images = [p for p in pieces if not isinstance(p, str)]
+        if not images:
+            return tokenizer.encode("".join(pieces)), None
+        if len(images) > limits.max_images:
+            raise ApiError(400, f"messages: {len(images)} images exceed the limit of {limits.max_images}", "messages")
+        parts = [p if isinstance(p, str) else image_bytes(p, limits) for p in pieces]
+        try:
+            return await asyncio.to_thread(embedder, parts)
+        except (ValueError, RuntimeError) as e:
+            raise ApiError(400, f"image_url: {e}", "image_url") from None
+
     async def admit(request: Request, cls: type) -> tuple:
         """Check, tokenize and queue a request; its deltas arrive through the returned iterator."""
         authorize(request)
@@ -154,7 +179,7 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
         if req.model not in (None, model_name):
             raise ApiError(404, f"The model '{req.model}' does not exist (this server serves '{model_name}')",
                            "model", code="model_not_found")
-        prompt = tokenizer.encode(req.prompt_text())
+        prompt, embeds = await encode(req)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
             max_tokens = min(limits.max_new_tokens, context - len(prompt) if cls is ChatRequest else 16)
@@ -162,7 +187,7 @@ def create_app(model: torch.nn.Module, tokenizer: Tokenizer, limits: ServeLimits
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(prompt, max_tokens, Sampling(req.temperature, req.top_k, req.top_p),
                   emit=lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)),
-                  stop_ids=frozenset({tokenizer.eos_id}), seed=req.seed)
+                  stop_ids=frozenset({tokenizer.eos_id}), seed=req.seed, embeds=embeds)
         try:
             batcher.submit(job)
         except QueueFull as e:
@@ -256,12 +281,14 @@ def load_for_serving(ckpt: str | Path, device: str = "auto") -> tuple[torch.nn.M
 
 
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits = ServeLimits(), device: str = "auto", grace_s: float = 10.0) -> None:
-    """Load the checkpoint and serve it until interrupted (SIGINT/SIGTERM): requests in flight get
+          limits: ServeLimits = ServeLimits(), device: str = "auto", grace_s: float = 10.0,
+          loaded: tuple[torch.nn.Module, Tokenizer, str, PromptEmbedder] | None = None) -> None:
+    """Load the checkpoint (or take the decoder, tokenizer, name and prompt embedder `loaded`, for a
+    model with images) and serve it until interrupted (SIGINT/SIGTERM): requests in flight get
     `grace_s` seconds to finish, then the rest are answered with an error and the server exits."""
     import uvicorn
 
-    model, tokenizer, name = load_for_serving(ckpt, device)
-    app = create_app(model, tokenizer, limits, api_key, name)
+    model, tokenizer, name, embedder = loaded or (*load_for_serving(ckpt, device), None)
+    app = create_app(model, tokenizer, limits, api_key, name, embedder)
     print(f"serving {name} on http://{host}:{port} (API key {'required' if api_key else 'off'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)

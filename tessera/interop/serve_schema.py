@@ -8,7 +8,10 @@ a seed must fit the generator's 64 bits; JSON nested too deeply for the parser i
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -26,6 +29,8 @@ class ServeLimits:
     max_request_bytes: int = 1 << 20
     max_stop_strings: int = 4
     batch_wait_s: float = 0.005  # how long a new batch waits for more requests to join it
+    max_image_bytes: int = 4 << 20  # one image of a chat message, decoded from its data URL
+    max_images: int = 4  # images a request may hold
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_new_tokens", "max_request_bytes"):
@@ -87,19 +92,70 @@ class CompletionRequest(_Sampled):
         return self.prompt
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: Text
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    url: str
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant"]
-    content: Text
+    content: Text | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+    def pieces(self) -> list[str | ImageURL]:
+        if isinstance(self.content, str):
+            return [self.content]
+        return [p.text if isinstance(p, TextPart) else p.image_url for p in self.content]
+
+
+DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,(.*)", re.DOTALL)
+
+
+def image_bytes(url: ImageURL, limits: ServeLimits) -> bytes:
+    """The bytes of an inline image (`data:image/...;base64,...`); remote URLs are never fetched."""
+    if url.url.startswith(("http://", "https://")):
+        raise ApiError(400, "image_url: remote URLs are not fetched; send the image inline as "
+                            "data:image/png;base64,...", "image_url")
+    match = DATA_URL.fullmatch(url.url)
+    if not match:
+        raise ApiError(400, "image_url: must be a data URL, data:image/<type>;base64,<data>", "image_url")
+    if len(match.group(1)) > limits.max_image_bytes * 4 // 3 + 4:
+        raise ApiError(400, f"image_url: the image exceeds {limits.max_image_bytes} bytes", "image_url")
+    try:
+        return base64.b64decode(match.group(1), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image_url: the data is not valid base64", "image_url") from None
 
 
 class ChatRequest(_Sampled):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
+    def prompt_pieces(self) -> list[str | ImageURL]:
+        """A plain role-prefixed transcript ending with the assistant's turn (Tessera models have no chat
+        template), as text with the images of the messages where they stand."""
+        out: list[str | ImageURL] = []
+        for m in self.messages:
+            out += [f"{m.role}: ", *m.pieces(), "\n"]
+        return [*out, "assistant:"]
+
     def prompt_text(self) -> str:
-        """A plain role-prefixed transcript ending with the assistant's turn (Tessera models have no chat template)."""
-        return "".join(f"{m.role}: {m.content}\n" for m in self.messages) + "assistant:"
+        pieces = self.prompt_pieces()
+        if not all(isinstance(p, str) for p in pieces):
+            raise ApiError(400, "messages: this model takes no images (serve a tessera vlm checkpoint)", "messages")
+        return "".join(pieces)
 
 
 def parse_request(raw: bytes, cls: type[_Sampled], limits: ServeLimits) -> _Sampled:
