@@ -178,7 +178,7 @@ def test_a_preset_on_the_command_line_replaces_the_files_model_and_a_larger_voca
 
 def test_help_lists_every_command_in_one_line_and_train_lists_the_config_keys():
     out = run("--help").stdout
-    commands = ["tokenizer", "data", "train", "sft", "rm", "dpo", "ppo", "grpo", "clip", "recipe", "generate", "eval", "plot",
+    commands = ["tokenizer", "data", "train", "sft", "rm", "dpo", "ppo", "grpo", "clip", "vlm", "recipe", "generate", "eval", "plot",
                 "critique", "cot", "plan", "launch", "jobs", "convert", "export", "quantize", "serve"]
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()]
     assert listed == commands, out

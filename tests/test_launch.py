@@ -229,7 +229,7 @@ def test_preset_dry_runs_match_their_snapshots(preset):
 
 def test_presets_use_every_gpu():
     sizes = {p.stem: load_launch_config(p).job.world_size for p in LAUNCH.glob("*.toml")}
-    assert sizes == {"tiny-local": 1, "gpt2-124m-1gpu": 1, "llama-1b-1x8": 8, "llama-8b-8x8": 64, "llama-70b-32x8": 256}
+    assert sizes == {"tiny-local": 1, "gpt2-124m-1gpu": 1, "code_gpt2_8gpu": 8, "code_gpt2_4node": 32, "llama-1b-1x8": 8, "llama-8b-8x8": 64, "llama-70b-32x8": 256}
 
 
 # --- submitit, jobs, telemetry

@@ -10,7 +10,7 @@ from tessera.core.checkpoint import find_checkpoint, load_weights, read_model_co
 from tessera.core.config import ConfigError, load_config
 from tessera.core.tokenizer import load_tokenizer
 from tessera.multimodal.clip import CLIP
-from tessera.multimodal.clip_task import read_pairs
+from tessera.multimodal.clip_task import ClipBatch, image_transform, read_pairs
 from tessera.multimodal.retrieval import image_text_recall
 
 
@@ -24,14 +24,17 @@ def retrieval_scores(ckpt: str | Path, folder: str | Path, batch_size: int = 64,
     model = CLIP(cfg.vision, read_model_config(ckpt), cfg.clip).to(device)
     load_weights(model, ckpt)
     model.eval()
-    pairs, _ = read_pairs(str(folder), "--data", load_tokenizer(ckpt), cfg)
-    images, texts = [], []
+    pairs, _ = read_pairs(str(folder), "--data", image_transform(cfg.vision))
+    to_tensors = ClipBatch(load_tokenizer(ckpt), cfg.train.seq_len)
+    images, texts, caption_ids = [], [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        image, text, _ = model(torch.stack([p["pixels"] for p in chunk]).to(device),
-                               torch.stack([p["input_ids"] for p in chunk]).to(device),
-                               torch.stack([p["lengths"] for p in chunk]).to(device))
+        batch = to_tensors({"pixel_values": torch.stack([p["pixel_values"] for p in chunk]),
+                            "texts": [p["text"] for p in chunk]})
+        image, text, _ = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                               batch["lengths"].to(device))
         images.append(image)
         texts.append(text)
-    recall = image_text_recall(torch.cat(images), torch.cat(texts), torch.stack([p["caption_ids"] for p in pairs]).to(device))
+        caption_ids.append(batch["caption_ids"])
+    recall = image_text_recall(torch.cat(images), torch.cat(texts), torch.cat(caption_ids).to(device))
     return {"pairs": len(pairs), **{k: v.item() for k, v in recall.items()}}
