@@ -3,7 +3,7 @@ AdamW) for each stage's freeze rule and both fusions.
 
     python benchmarks/vlm_train.py [--batch 16] [--steps 5]
 
-The recipe's sizes (configs/scenes_vlm/vlm.toml): a 3-layer ViT of 16 patch tokens (8-pixel patches) at 32 pixels,
+The recipe's sizes (configs/recipes/scenes_vlm/train.toml): a 3-layer ViT of 16 patch tokens (8-pixel patches) at 32 pixels,
 a 4-layer 128-wide LM, rows of 48 positions (16 image + 32 text, answer loss on the last 8). A
 token is a position the LM runs (image tokens included). Writes benchmarks/results/vlm_train.json
 and prints a markdown table.

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tessera.cli.main import main
-from tessera.multimodal.scenes import BACKGROUND, COLOURS
+from tessera.multimodal.scenes import BACKGROUND, COLOURS, SHAPES
 
 NUMBER = {"zero": 0, "one": 1, "two": 2}
 
@@ -55,12 +55,16 @@ def test_the_pixels_show_each_shape_in_its_colour_and_nothing_else(scenes):
 
 def test_captions_and_answers_follow_from_the_scene(scenes):
     specs = {r["image"]: r["shapes"] for r in rows(scenes / "scenes.jsonl")}
-    relations, answers = set(), set()
+    relations, in_captions, answers = set(), set(), set()
     for row in rows(scenes / "captions.jsonl"):
         shapes = specs[row["image"]]
         words = [f"a {s['colour']} {s['kind']}" for s in shapes]
         expected = words[0] if len(shapes) == 1 else f"{words[0]} {where(*shapes)} {words[1]}"
         assert row["caption"] == expected
+        if len(shapes) == 2:
+            in_captions.add(where(*shapes))
+        # named in a fixed order of kinds, so the image alone determines its caption
+        assert [s["kind"] for s in shapes] == sorted((s["kind"] for s in shapes), key=SHAPES.index)
     for row in rows(scenes / "vqa.jsonl"):
         shapes, q, a = specs[row["image"]], row["question"], row["answer"]
         answers.add(a)
@@ -81,7 +85,7 @@ def test_captions_and_answers_follow_from_the_scene(scenes):
             relations.add(a)
         else:
             raise AssertionError(f"a question outside the grammar: {q!r}")
-    assert relations == {"above", "below", "left of", "right of"}
+    assert relations == in_captions == {"above", "below", "left of", "right of"}
     assert {"yes", "no", "zero", "one", "two"} <= answers
 
 

@@ -222,3 +222,33 @@ def test_assistant_smoke_and_served(tmp_path, one_thread):
         proc.wait(timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].strip() == expected
+
+
+def test_scenes_vlm_smoke(tmp_path, one_thread):
+    """Every stage of the scenes VLM recipe runs at tiny size and reports held-out metrics in range;
+    the run directory is a VLM checkpoint the multimodal commands load."""
+    from tessera.multimodal.vlm_inference import is_vlm_checkpoint
+    from tessera.recipes.runner import run_recipe
+
+    summary = run_recipe("scenes_vlm", tmp_path, smoke=True)
+    _check(tmp_path, summary, {"prepare", "LM", "CLIP", "VLM as initialised", "align", "instruct", "evaluate"})
+    after = summary["metrics_after"]
+    assert set(summary["metrics_before"]) <= set(after)
+    assert all(0 <= v <= 1 for k, v in after.items() if "exact match" in k or "VQA" in k or "CLIP" in k)
+    assert after["CLIP i2t_r1"] <= after["CLIP i2t_r5"] <= after["CLIP i2t_r10"]
+    assert is_vlm_checkpoint(summary["checkpoint"])
+
+
+def test_digits_smoke(tmp_path, one_thread):
+    """CLIP on the scans: held-out rows carry their labels, so the summary has zero-shot accuracy
+    before (step 0) and after, within [0, 1]; no held-out scan is trained on."""
+    from tessera.recipes.runner import run_recipe
+
+    summary = run_recipe("digits", tmp_path, smoke=True)
+    _check(tmp_path, summary, {"prepare", "train"})
+    for part in ("metrics_before", "metrics_after"):
+        assert 0 <= summary[part]["val_zero_shot_acc"] <= 1 and summary[part]["val_loss"] > 0
+    data = tmp_path / "data"
+    held_out = {json.loads(r)["image"] for r in (data / "held_out" / "captions.jsonl").read_text().splitlines()}
+    trained = {json.loads(r)["image"] for r in (data / "train" / "captions.jsonl").read_text().splitlines()}
+    assert len(held_out) == 40 and not held_out & trained

@@ -5,7 +5,8 @@ answer. No image data set can be downloaded; this one is made here, the same for
 
 A scene holds one or two shapes of different kinds (circle, square, triangle) in four colours on
 a white background; two shapes sit one above the other or side by side, without overlapping.
-The grammar is fixed and the vocabulary small:
+The grammar is fixed and the vocabulary small, and the image determines its caption: two shapes
+are named in the fixed order circle, square, triangle, whatever their places.
   caption   "a red circle" | "a red circle above a blue square" (above, below, left of, right of)
   questions "what colour is the circle?" -> "red"; "what shape is the red object?" -> "circle"
             (asked when one shape has that colour); "how many shapes are there?" -> "two";
@@ -48,19 +49,20 @@ def relation(a: Shape, b: Shape) -> str:
 
 
 def scene(rng: random.Random, size: int) -> list[Shape]:
-    """One or two shapes of different kinds, in halves of the canvas that do not overlap."""
-    kinds = rng.sample(SHAPES, rng.choice((1, 2)))
+    """One or two shapes of different kinds (in the order of SHAPES), in halves of the canvas that
+    do not overlap."""
+    kinds = sorted(rng.sample(SHAPES, rng.choice((1, 2))), key=SHAPES.index)
     colours = [rng.choice(list(COLOURS)) for _ in kinds]
     radii = [rng.randint(max(2, size // 10), max(2, size * 7 // 50)) for _ in kinds]
     if len(kinds) == 1:
         r = radii[0]
         return [Shape(kinds[0], colours[0], rng.randint(r, size - 1 - r), rng.randint(r, size - 1 - r), r)]
     half, jitter = size // 2, size // 16
-    along = [rng.randint(r, half - 1 - r) for r in radii[:1]] + [rng.randint(half + radii[1], size - 1 - radii[1])]
+    low = rng.choice((0, 1))  # which shape lies in the first half along the axis: every relation appears
+    along = [rng.randint(r, half - 1 - r) if i == low else rng.randint(half + r, size - 1 - r)
+             for i, r in enumerate(radii)]
     centre = rng.randint(max(radii) + jitter, size - 1 - max(radii) - jitter)
     across = [centre + rng.randint(-jitter, jitter) for _ in radii]
-    if rng.random() < 0.5:
-        along.reverse()  # which shape is mentioned first is random, so every relation appears
     vertical = rng.random() < 0.5
     return [Shape(k, c, *((x, y) if vertical else (y, x)), r)
             for k, c, x, y, r in zip(kinds, colours, across, along, radii)]
@@ -106,7 +108,7 @@ def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
     kind = rng.choice(SHAPES)
     qa.append((f"is there a {kind}?", "yes" if any(s.kind == kind for s in shapes) else "no"))
     if len(shapes) == 2:
-        a, b = shapes
+        a, b = rng.sample(shapes, 2)
         qa.append((f"where is the {a.kind} relative to the {b.kind}?", relation(a, b)))
     return qa
 

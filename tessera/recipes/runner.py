@@ -55,6 +55,7 @@ class RecipeContext:
     overrides: list[str]
     command: str
     timings: dict[str, float] = field(default_factory=dict)
+    config_file: Path | None = None  # a stage's own config beside train.toml (see stages.stage_context)
 
     @classmethod
     def create(cls, name: str, out: str | Path | None = None, smoke: bool = False,
@@ -78,7 +79,7 @@ class RecipeContext:
 
     @property
     def config_path(self) -> Path:
-        return self.config_path_of(self.name)
+        return self.config_file or self.config_path_of(self.name)
 
     @property
     def out(self) -> Path:

@@ -14,16 +14,20 @@ if TYPE_CHECKING:
     from tessera.recipes.runner import RecipeContext
 
 
-def stage_context(ctx: RecipeContext, run_dir: Path, overrides: list[str]) -> RecipeContext:
-    """The recipe's context with a stage's overrides (after the recipe's and the user's) and its run dir."""
+def stage_context(ctx: RecipeContext, run_dir: Path, overrides: list[str], config: str | None = None) -> RecipeContext:
+    """The recipe's context with a stage's overrides (after the recipe's and the user's) and its run
+    dir; `config` names another file of the recipe's directory (e.g. "clip.toml") for the stage."""
     merged = [*ctx.overrides, *overrides, f'--train.run_dir="{run_dir}"']
-    return dataclasses.replace(ctx, cfg=load_config(ctx.config_path, merged), overrides=merged)
+    path = ctx.config_path_of(ctx.name).parent / config if config else ctx.config_path
+    return dataclasses.replace(ctx, cfg=load_config(path, merged), overrides=merged, config_file=path)
 
 
-def train_stage(ctx: RecipeContext, label: str, run_dir: Path, overrides: list[str], command: str = "train") -> Path:
-    """Train one stage (`tessera train | sft | dpo`, timed as `label`); its newest checkpoint."""
+def train_stage(ctx: RecipeContext, label: str, run_dir: Path, overrides: list[str], command: str = "train",
+                config: str | None = None) -> Path:
+    """Train one stage (`tessera train | sft | dpo | clip | vlm`, timed as `label`, from `config` when
+    given); its newest checkpoint."""
     with ctx.timer(label):
-        return stage_context(ctx, run_dir, overrides).train(command)
+        return stage_context(ctx, run_dir, overrides, config).train(command)
 
 
 def perplexity_of(model: torch.nn.Module, data_dir: Path, split: str, seq_len: int, batch_size: int,
