@@ -6,7 +6,7 @@ specialised exactly as Triton's own launcher would (`create_function_from_signat
 `_pack_args`), compiled by `triton.compile` for the target, and its cubin's resources read with
 the cuobjdump that ships in the triton wheel. So what is checked is what the dispatch launches.
 
-    python -m tessera.kernels.compile_check --arch 90 [--jobs 2]    # a table; JSON with --json
+    python -m tessera.kernels.compile_check --arch 90 [--dtype bf16] [--jobs 2]    # a table; JSON with --json
 
 Must run with TRITON_INTERPRET unset (tests/test_kernels_compile.py runs it in a subprocess).
 Compiled kernels go to Triton's cache (TRITON_CACHE_DIR), so a second run only reads them back.
@@ -99,11 +99,11 @@ def _other_workloads(dtype):
     swiglu_triton.swiglu_triton(g, u).backward(torch.empty_like(g))
 
 
-def record_launches() -> list[tuple]:
-    """Every (kernel, args, kwargs, label) the ops launch at the representative shapes."""
+def record_launches(dtypes: list[str]) -> list[tuple]:
+    """Every (kernel, args, kwargs, label) the ops launch at the representative shapes in `dtypes`."""
     JITFunction.run, Autotuner.run = _record, _every_candidate
     _launches.clear()
-    for dtype in DTYPES.values():
+    for dtype in (DTYPES[d] for d in dtypes):
         _context.clear()
         _attention_workloads(dtype)
         _context.clear()
@@ -146,9 +146,9 @@ def _compile_one(job: tuple) -> dict:
     return {**row, "smem": compiled.metadata.shared, **_resources(compiled.asm["cubin"]), "mma": mma}
 
 
-def compile_all(arches: list[int], jobs: int) -> list[dict]:
+def compile_all(arches: list[int], jobs: int, dtypes: list[str] = tuple(DTYPES)) -> list[dict]:
     """One row per distinct compiled variant (launches that specialise alike are compiled once)."""
-    launches = record_launches()
+    launches = record_launches(list(dtypes))
     work, seen = [], set()
     for arch in arches:
         for i, (fn, args, kwargs, _) in enumerate(launches):
@@ -180,13 +180,14 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SMEM_LIMIT))
+    ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         raise SystemExit(2)
-    rows = compile_all(args.arch, args.jobs)
+    rows = compile_all(args.arch, args.jobs, args.dtype)
     print(json.dumps(rows) if args.json else table(rows))
 
 
