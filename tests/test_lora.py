@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tessera.alignment.lora import LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters
 from tessera.core.config import LoraConfig, ModelConfig
+from tessera.core.lora import LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters
 from tessera.core.model import Transformer
 
 

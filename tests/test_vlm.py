@@ -120,8 +120,9 @@ def test_freeze_rules_of_the_stages():
 
 
 def test_two_fsdp_ranks_equal_one_process_on_the_global_batch(tmp_path):
-    """Both fusions, vision frozen. float32 sums in another order differ by ~1e-7 relative; 1e-5 of the
-    largest gradient leaves room for that and catches a missing or doubled term."""
+    """Both fusions, vision frozen, and cross-attention with LoRA on the LM. float32 sums in another
+    order differ by ~1e-7 relative; 1e-5 of the largest gradient leaves room for that and catches a
+    missing or doubled term."""
     out = tmp_path / "vlm.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -133,6 +134,8 @@ def test_two_fsdp_ranks_equal_one_process_on_the_global_batch(tmp_path):
         assert fsdp["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5), fusion
         assert ref["grads"].keys() == fsdp["grads"].keys()
         assert not any(n.startswith("vision.") for n in ref["grads"]) and any(n.startswith("projector.") for n in ref["grads"])
+        lm = [n for n in ref["grads"] if n.startswith("lm.")]
+        assert lm and all(".lora_" in n for n in lm) == fusion.endswith("_lora"), fusion  # LoRA: adapters, not the LM
         scale = max(g.abs().max().item() for g in ref["grads"].values())
         for name, grad in ref["grads"].items():
             torch.testing.assert_close(fsdp["grads"][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=f"{fusion} {name}")
@@ -192,7 +195,9 @@ def test_align_trains_the_projector_only_and_resumes_exactly(scene_data, tmp_pat
 
 @pytest.mark.parametrize("extra,message", [
     (["--parallel.tp=2"], "parallel.tp=2"),
-    (["--lora.r=4"], "lora.r=4: tessera vlm has no LoRA"),
+    (["--lora.r=4"], "lora.r=4 puts adapters on the LM, which this run keeps frozen (vlm.stage='align'"),
+    (["--lora.r=4", "--vlm.stage=instruct", "--vlm.freeze=[\"vision\", \"lm\"]"], "frozen: vision, lm); LoRA needs"),
+    (["--lora.r=4", "--vlm.stage=instruct", "--lora.targets=[\"q_proj\"]"], "no linear layer named any of ['q_proj']"),
     (["--train.seq_len=6", "--model.max_seq_len=6"], "leaves no room for text"),
     (["--vlm.fusion=cross_attention", "--vlm.cross_every=3"], "vlm.cross_every=3 exceeds model.n_layers=2"),
     (["--vlm.fusion=film"], "vlm.fusion='film' is not valid"),

@@ -1,5 +1,6 @@
 """The image-conditioned LM's step on 2 FSDP2 ranks against one process on the same global batch,
-for both fusions, with the vision tower frozen (stage "instruct"'s rule).
+for both fusions, with the vision tower frozen (stage "instruct"'s rule), and for cross-attention
+with LoRA adapters on the LM (its base weights frozen, the adapters' B nonzero so that A learns too).
 
 Usage: torchrun --nproc_per_node 2 tests/vlm_worker.py OUT.pt
 Every row holds the same number of answer tokens, so the mean of the ranks' per-token losses is
@@ -16,8 +17,9 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
-from tessera.core.config import ModelConfig, OptimConfig, ParallelConfig, VisionConfig, VLMConfig
+from tessera.core.config import LoraConfig, ModelConfig, OptimConfig, ParallelConfig, VisionConfig, VLMConfig
 from tessera.core.engine import LocalEngine
+from tessera.core.lora import apply_lora
 from tessera.core.optim import build_optimizer
 from tessera.distributed.engine import DistributedEngine
 from tessera.distributed.env import destroy, init_distributed
@@ -62,27 +64,32 @@ def main() -> None:
     dims = ParallelDims.resolve(parallel, env.world_size)
     mesh = dims.build_mesh("cpu")
     references = {}
-    for fusion in ("prefix", "cross_attention"):
+    for case in ("prefix", "cross_attention", "cross_attention_lora"):
         torch.manual_seed(0)
-        model = VLM(VISION, TEXT, VLMConfig(fusion=fusion, cross_every=2))
+        model = VLM(VISION, TEXT, VLMConfig(fusion=case.removesuffix("_lora"), cross_every=2))
         for gate in model.cross.parameters():  # open the gates so that the layers matter
             if gate.dim() == 1 and gate.numel() == 1:
                 torch.nn.init.constant_(gate, 0.5)
         set_trainable(model, ("vision",))
-        references[fusion] = copy.deepcopy(model)
+        if case.endswith("_lora"):
+            apply_lora(model.lm, LoraConfig(r=2, alpha=4.0))
+            for name, p in model.named_parameters():
+                if ".lora_b" in name:
+                    torch.nn.init.normal_(p, 0.0, 0.1)
+        references[case] = copy.deepcopy(model)
         batch = global_batch(model.image_tokens)
         parallelize(model, parallel, dims, mesh)
         engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
         engine.objective = vlm_objective
         per_rank = BATCH // env.world_size
         rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
-        out[fusion] = {"fsdp": run(engine, {k: v[rows] for k, v in batch.items()}), "batch": batch}
+        out[case] = {"fsdp": run(engine, {k: v[rows] for k, v in batch.items()}), "batch": batch}
     destroy()
     if env.rank == 0:  # after the group is gone: one process, no gathering
-        for fusion, reference in references.items():
+        for case, reference in references.items():
             engine = LocalEngine(reference, build_optimizer(reference, OPTIM, env.device), env.device,
                                  objective=vlm_objective)
-            out[fusion]["reference"] = run(engine, out[fusion].pop("batch"))
+            out[case]["reference"] = run(engine, out[case].pop("batch"))
         torch.save(out, sys.argv[1])
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tessera.alignment.lora import apply_lora
 from tessera.core.config import Config
+from tessera.core.lora import apply_lora
 from tessera.core.seams import InitWeights
 from tessera.core.task import LanguageModelingTask
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from tessera.alignment.lora import apply_lora
 from tessera.alignment.sft_data import chat_template
 from tessera.core.config import Config, ConfigError
 from tessera.core.data.samples import SampleLoader
+from tessera.core.lora import apply_lora
 from tessera.core.task import BaseTask
 from tessera.core.tokenizer import load_tokenizer
 

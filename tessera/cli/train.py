@@ -61,7 +61,7 @@ def cmd_train(args, overrides: list[str]) -> None:
         done = "stopped at request after" if trainer.stopped_early else "trained"
         print(f"{done} {what}steps {start}..{trainer.step} in {cfg.train.run_dir}: {summary}{policy}")
         if cfg.lora.r > 0 and args.command != "rm" and not trainer.stopped_early:
-            _export_lora(trainer.parts.checkpointer.latest(), cfg)
+            _export_lora(trainer.parts.checkpointer.latest(), cfg, args.command)
     if trainer.stopped_early:  # every rank exits 3; the first one says why
         how = ("SLURM requeues the job and it resumes from there" if os.environ.get("SLURM_JOB_ID")
                else "resume with --resume auto")
@@ -69,10 +69,16 @@ def cmd_train(args, overrides: list[str]) -> None:
                                   if placement.rank == 0 else "")
 
 
-def _export_lora(ckpt, cfg) -> None:
-    from tessera.alignment.lora import export_from_checkpoint
+def _export_lora(ckpt, cfg, command: str) -> None:
+    """The adapters alone and the merged model, beside the run's checkpoints."""
+    if command == "vlm":
+        from tessera.multimodal.vlm_inference import export_lora
 
-    adapter, merged = export_from_checkpoint(ckpt, cfg.lora, cfg.train.run_dir)
+        adapter, merged = export_lora(ckpt, cfg.train.run_dir)
+    else:
+        from tessera.core.lora import export_from_checkpoint
+
+        adapter, merged = export_from_checkpoint(ckpt, cfg.lora, cfg.train.run_dir)
     print(f"wrote adapters to {adapter} and the merged model to {merged}")
 
 

@@ -211,13 +211,24 @@ def text_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(LM_PREFIX):]: v for k, v in tensors.items() if k.startswith(LM_PREFIX)}
 
 
+def _refuse_adapters(ckpt: str | Path, model: torch.nn.Module, names: set[str], prefix: str) -> None:
+    """ValueError when the checkpoint holds weights of the part read (a LoRA run's adapters) that `model` lacks."""
+    own = model.state_dict()
+    extra = sorted(k for k in names if k.startswith(prefix) and k[len(prefix):] not in own)
+    if extra:
+        raise ValueError(f"{ckpt} holds weights this model lacks ({extra[0]}, ...): a LoRA run's checkpoint "
+                         "is read through its merged/ export")
+
+
 def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     """Weights from `model.safetensors`, or gathered from DCP shards into this one process."""
     path = Path(ckpt)
     refuse_int8(path)
     if (path / "model.safetensors").exists():
         with safe_open(str(path / "model.safetensors"), "pt") as f:
-            prefix = _part_prefix(model, set(f.keys()))
+            saved = set(f.keys())
+        prefix = _part_prefix(model, saved)
+        _refuse_adapters(ckpt, model, {k for k in saved if ".lora_" in k}, prefix)
         if not prefix:
             load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
             return
@@ -228,10 +239,7 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         names = {k[len("model."):] for k in saved if k.startswith("model.")}
         prefix = _part_prefix(model, names)
-        extra = sorted(k for k in names if k.startswith(prefix) and k[len(prefix):] not in model.state_dict())
-        if extra:
-            raise ValueError(f"{ckpt} holds weights this model lacks ({extra[0]}, ...): a LoRA run's checkpoint "
-                             "is read through its merged/ export")
+        _refuse_adapters(ckpt, model, names, prefix)
         state = {"model": {prefix + k: v for k, v in get_model_state_dict(model).items()}}
         with warnings.catch_warnings():  # DCP warns whenever it runs without a process group
             warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")

@@ -208,7 +208,8 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Low-rank adapters for fine-tuning (read by tessera.alignment); r = 0 trains every weight."""
+    """Low-rank adapters for fine-tuning (`core.lora`: the text stages, and `tessera vlm` stage
+    "instruct" on its LM); r = 0 trains every weight."""
 
     r: int = 0
     alpha: float = 16.0

@@ -8,6 +8,7 @@ window that slid past the image would lose it, so generation ends where the cont
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch
 import torch.nn as nn
 
 from tessera.core.checkpoint import find_checkpoint, load_weights, read_model_config
-from tessera.core.config import Config, ConfigError, load_config
+from tessera.core.config import Config, ConfigError, LoraConfig, load_config, to_toml
 from tessera.core.generate import Sampling, generate
+from tessera.core.lora import export_from_checkpoint
 from tessera.core.tokenizer import Tokenizer
 from tessera.multimodal.images import MAX_PIXELS, decode_rgb
 from tessera.multimodal.text_tokens import IMAGE_MARKER, encode_with_images
@@ -47,8 +49,19 @@ def load_vlm(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[VLM,
                           "--image needs one")
     cfg = load_config(ckpt / "run_config.toml")
     model = VLM(cfg.vision, read_model_config(ckpt), cfg.vlm).to(device)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt)  # a LoRA run's own checkpoint is refused: its merged/ export is read
     return model.eval(), cfg
+
+
+def export_lora(ckpt: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """A LoRA run's checkpoint (any layout) -> `out_dir/adapter` (the LM's adapters, under the
+    decoder's own names) and `out_dir/merged` (every part, the adapters folded into the LM, its run
+    config with lora.r = 0): as for the text stages, the merged checkpoint is what generate, eval,
+    serve and vlm.init_from read."""
+    cfg = load_config(Path(ckpt) / "run_config.toml")
+    model = VLM(cfg.vision, read_model_config(ckpt), cfg.vlm)
+    return export_from_checkpoint(ckpt, cfg.lora, out_dir, model, model.lm,
+                                  to_toml(dataclasses.replace(cfg, lora=LoraConfig())))
 
 
 def image_pixels(data: bytes, where: str, cfg: Config, max_pixels: int = MAX_PIXELS) -> torch.Tensor:

@@ -8,10 +8,15 @@ there is one, is the validation set. Where the weights come from: model.init_fro
 vision.init_from ("hf:DIR") or vlm.vision_from (a `tessera clip` checkpoint) for the vision tower,
 vlm.init_from (a `tessera vlm` checkpoint, every part) for stage 2.
 
+With lora.r > 0 (stage "instruct" only: "align" keeps the LM frozen) the LM is tuned through
+adapters on its `lora.targets` layers (`core.lora`), its base weights frozen; the projector and
+cross-attention layers train and the vision tower stays frozen unless vlm.freeze says otherwise.
+Checkpoints hold every part with the adapters; at the end `tessera vlm` exports them as
+adapter/ (the LM's adapters) and merged/ (a plain VLM checkpoint), as the text stages do.
+
 Layouts: one process, DDP and FSDP2 (the LM's blocks sharded, the vision tower and projector
 sharded with the root); not tensor parallelism (the vision tower would stay replicated and the
-image tokens would have to be laid out for the LM's sequence-parallel input) nor DeepSpeed, and
-no LoRA yet (its adapters live in tessera.alignment, which multimodal may not import).
+image tokens would have to be laid out for the LM's sequence-parallel input) nor DeepSpeed.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from safetensors.torch import load_file
 
 from tessera.core.checkpoint import find_checkpoint, load_weights
 from tessera.core.config import Config, ConfigError
+from tessera.core.lora import apply_lora
 from tessera.core.seams import InitWeights, Placement
 from tessera.core.task import BaseTask
 from tessera.core.tokenizer import load_tokenizer
@@ -81,9 +87,10 @@ class VLMTask(BaseTask):
         if cfg.parallel.tp > 1 or cfg.parallel.engine != "fsdp":
             raise ConfigError(f"tessera vlm runs on data parallelism (FSDP2/DDP): parallel.tp={cfg.parallel.tp} and "
                               f"parallel.engine={cfg.parallel.engine!r} are not supported; use tp = 1, engine = 'fsdp'")
-        if cfg.lora.r > 0:
-            raise ConfigError(f"lora.r={cfg.lora.r}: tessera vlm has no LoRA yet; set lora.r = 0 and freeze parts "
-                              "with vlm.freeze")
+        if cfg.lora.r > 0 and "lm" in cfg.vlm.frozen_parts:
+            raise ConfigError(f"lora.r={cfg.lora.r} puts adapters on the LM, which this run keeps frozen (vlm.stage="
+                              f"{cfg.vlm.stage!r}, frozen: {', '.join(cfg.vlm.frozen_parts)}); LoRA needs vlm.stage = "
+                              "'instruct' without 'lm' in vlm.freeze, or set lora.r = 0")
         if cfg.vision.init_from and cfg.vlm.vision_from:
             raise ConfigError("vision.init_from and vlm.vision_from both name a vision tower: keep one")
         if cfg.vlm.fusion == "cross_attention" and cfg.vlm.cross_every > cfg.model.n_layers:
@@ -106,6 +113,8 @@ class VLMTask(BaseTask):
             except (FileNotFoundError, RuntimeError, ValueError) as e:
                 raise ConfigError(f"vlm.init_from={cfg.vlm.init_from!r}: {str(e).splitlines()[0]}") from None
         set_trainable(model, cfg.vlm.frozen_parts)
+        if cfg.lora.r > 0:  # after the weights: they load into the plain model
+            apply_lora(model.lm, cfg.lora)
         return model.to(device)
 
     def loaders(self, cfg: Config, dp_rank: int, dp_size: int):

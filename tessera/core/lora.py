@@ -4,6 +4,9 @@
 do not change and tensor/FSDP parallelism see a linear layer) with two extra matrices:
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T. B starts at zero, so an adapted model starts
 exactly where its base was. Adapters are saved alone, and merged into W for export.
+
+A core mechanism, below every stage that fine-tunes with it: the text stages (tessera.alignment)
+adapt the whole decoder, the image-conditioned LM (tessera.multimodal) its `lm` part.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file, save_model
 
+from tessera.core.checkpoint import load_weights, read_model_config, write_run_files
 from tessera.core.config import LoraConfig
+from tessera.core.model import Transformer
 
 DEFAULT_TARGETS = LoraConfig.targets
 
@@ -117,18 +122,20 @@ def load_adapters(model: nn.Module, directory: str | Path) -> LoraConfig:
     return cfg
 
 
-def export_from_checkpoint(ckpt: str | Path, cfg: LoraConfig, out_dir: str | Path) -> tuple[Path, Path]:
+def export_from_checkpoint(ckpt: str | Path, cfg: LoraConfig, out_dir: str | Path, model: nn.Module | None = None,
+                           part: nn.Module | None = None, run_config: str = "") -> tuple[Path, Path]:
     """From a checkpoint of a LoRA run (any layout): `out_dir/adapter` (the adapters alone) and
-    `out_dir/merged` (a plain checkpoint with the adapters folded in, for generation and export)."""
-    from tessera.core.checkpoint import load_weights, read_model_config, write_run_files
-    from tessera.core.model import Transformer
-
+    `out_dir/merged` (a plain checkpoint with the adapters folded in, for generation and export).
+    `model`: the run's model built plain (default: the checkpoint's decoder) whose `part` (default:
+    all of it) carried the adapters; `run_config`: the merged checkpoint's run_config.toml."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
-    model = apply_lora(Transformer(read_model_config(ckpt)), cfg)
+    model = Transformer(read_model_config(ckpt)) if model is None else model
+    part = model if part is None else part
+    apply_lora(part, cfg)
     load_weights(model, ckpt)
-    adapter = save_adapters(model, cfg, out_dir / "adapter")
+    adapter = save_adapters(part, cfg, out_dir / "adapter")
     merged = out_dir / "merged"
     merged.mkdir(parents=True, exist_ok=True)
     save_model(merge_lora(model), str(merged / "model.safetensors"))
-    write_run_files(merged, model.cfg, "", tuple(p for p in ckpt.glob("tokenizer*.json")))
+    write_run_files(merged, model.cfg, run_config, tuple(p for p in ckpt.glob("tokenizer*.json")))
     return adapter, merged
