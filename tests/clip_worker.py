@@ -1,8 +1,10 @@
-"""CLIP's contrastive step on 2 FSDP2 ranks against one process on the same global batch.
+"""CLIP's contrastive step on 2 ranks against one process on the same global batch.
 
-Usage: torchrun --nproc_per_node 2 tests/clip_worker.py OUT.pt
-Rank 0 then computes the one-process reference; OUT.pt holds both losses, the gradients of every
-parameter (gathered from the shards) and the evaluation metrics, for tests/test_clip.py.
+Usage: torchrun --nproc_per_node 2 tests/clip_worker.py OUT.pt [LAYOUT ...]
+Layouts: "fsdp" (2 FSDP2 ranks, the default), "zero2", "zero3" (DeepSpeed).
+Rank 0 then computes the one-process reference; OUT.pt holds the losses, the gradients of every
+parameter (gathered from shards and partitions) and the evaluation metrics of each layout and of
+the reference, for tests/test_clip.py.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import sys
 
 import torch
-from torch.distributed.tensor import DTensor
+from vlm_worker import deepspeed_engine, full_grad
 
 from tessera.core.config import ClipConfig, ModelConfig, OptimConfig, ParallelConfig, VisionConfig
 from tessera.core.engine import LocalEngine
@@ -26,6 +28,8 @@ BATCH, SEQ, VOCAB = 6, 8, 23
 VISION = VisionConfig(image_size=8, patch_size=4, n_layers=2, n_heads=2, d_model=16)
 TEXT = ModelConfig(vocab_size=VOCAB, n_layers=2, n_heads=2, d_model=16, max_seq_len=SEQ, bias=True)
 OPTIM = OptimConfig(lr=1e-2, eps=1e-6, impl="foreach")
+LAYOUTS = {"fsdp": dict(dp_shard=2), "zero2": dict(engine="deepspeed", zero_stage=2),
+           "zero3": dict(engine="deepspeed", zero_stage=3)}
 
 
 def global_batch() -> dict[str, torch.Tensor]:
@@ -40,8 +44,7 @@ def global_batch() -> dict[str, torch.Tensor]:
 def run(engine, batch: dict) -> dict:
     """Loss and gradients of a first step, then the loss and metrics of an evaluation after it."""
     loss = engine.forward_backward(batch)
-    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-             for n, p in engine.model.named_parameters()}
+    grads = {n: full_grad(p).clone() for n, p in engine.model.named_parameters()}
     engine.clip_grad_norm(0.0)
     engine.step()
     engine.zero_grad()
@@ -49,25 +52,32 @@ def run(engine, batch: dict) -> dict:
 
 
 def main() -> None:
+    out_path, layouts = sys.argv[1], sys.argv[2:] or ["fsdp"]
     env = init_distributed("cpu")
     torch.manual_seed(0)
-    model = CLIP(VISION, TEXT, ClipConfig(embed_dim=8))
-    reference = copy.deepcopy(model)
+    reference = CLIP(VISION, TEXT, ClipConfig(embed_dim=8))
     batch = global_batch()
     out = {}
-    parallel = ParallelConfig(dp_shard=2)
-    dims = ParallelDims.resolve(parallel, env.world_size)
-    parallelize(model, parallel, dims, dims.build_mesh("cpu"))
-    engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
-    engine.objective = clip_objective
     per_rank = BATCH // env.world_size
     rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)  # every rank has all the class prompts
-    out["fsdp"] = run(engine, {k: v if k.startswith("class_") else v[rows] for k, v in batch.items()})
+    for layout in layouts:
+        model = copy.deepcopy(reference)
+        parallel = ParallelConfig(**LAYOUTS[layout])
+        if parallel.engine == "deepspeed":
+            engine = deepspeed_engine(model, parallel, env, per_rank, OPTIM)
+        else:
+            dims = ParallelDims.resolve(parallel, env.world_size)
+            parallelize(model, parallel, dims, dims.build_mesh("cpu"))
+            engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
+        engine.objective = clip_objective
+        out[layout] = run(engine, {k: v if k.startswith("class_") else v[rows] for k, v in batch.items()})
+        if parallel.engine == "deepspeed":
+            engine.close()
     destroy()
     if env.rank == 0:  # after the group is gone: one process, no gathering
         out["reference"] = run(LocalEngine(reference, build_optimizer(reference, OPTIM, env.device), env.device,
                                            objective=clip_objective), batch)
-        torch.save(out, sys.argv[1])
+        torch.save(out, out_path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CLIP: the retrieval metrics against brute force, the contrastive loss and its gradients against a
-float64 closed form, 2 FSDP ranks against one process, and `tessera clip` through the one trainer
-(evaluation metrics, exact resume, clear errors)."""
+float64 closed form, 2 ranks (FSDP2; DeepSpeed ZeRO 2/3, slow) against one process, and `tessera
+clip` through the one trainer (evaluation metrics, exact resume, clear errors)."""
 from __future__ import annotations
 
 import json
@@ -98,28 +98,42 @@ def test_logit_scale_starts_at_the_temperature_and_is_capped():
     assert model(torch.randn(1, 3, 8, 8))[2].item() == pytest.approx(100.0, rel=1e-6)
 
 
-def test_two_fsdp_ranks_equal_one_process_on_the_global_batch(tmp_path):
+def two_ranks(out: Path, *layouts: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(TESTS / "clip_worker.py"), str(out), *layouts]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return torch.load(out)
+
+
+def assert_matches_one_process(result: dict, layout: str) -> None:
     """Each rank scores its 3 rows against all 6 columns; mean loss and averaged gradients equal one
     process's. float32 sums of a few hundred terms in another order differ by ~1e-7 relative; 1e-5 of
     each tensor's largest gradient leaves room for that and catches a missing or doubled term (~10%)."""
-    out = tmp_path / "clip.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(TESTS / "clip_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = torch.load(out)
-    ref, fsdp = result["reference"], result["fsdp"]
-    assert fsdp["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5)
+    ref, got = result["reference"], result[layout]
+    assert got["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5)
     scale = max(g.abs().max().item() for g in ref["grads"].values())
-    assert ref["grads"].keys() == fsdp["grads"].keys()
+    assert ref["grads"].keys() == got["grads"].keys()
     for name, grad in ref["grads"].items():
         # the key biases' true gradient is 0 (softmax ignores them): compared on the model's scale
-        torch.testing.assert_close(fsdp["grads"][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
-    assert fsdp["eval"].item() == pytest.approx(ref["eval"].item(), rel=1e-5)  # after one AdamW step
-    assert fsdp["metrics"].keys() == ref["metrics"].keys() >= {"i2t_r1", "t2i_r5", "i2t_r10", "zero_shot_acc"}
+        torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=f"{layout} {name}")
+    assert got["eval"].item() == pytest.approx(ref["eval"].item(), rel=1e-5)  # after one AdamW step
+    assert got["metrics"].keys() == ref["metrics"].keys() >= {"i2t_r1", "t2i_r5", "i2t_r10", "zero_shot_acc"}
     for key, value in ref["metrics"].items():
-        assert fsdp["metrics"][key].item() == pytest.approx(value.item(), rel=1e-5), key
+        assert got["metrics"][key].item() == pytest.approx(value.item(), rel=1e-5), key
+
+
+def test_two_fsdp_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    assert_matches_one_process(two_ranks(tmp_path / "clip.pt", "fsdp"), "fsdp")
+
+
+@pytest.mark.slow  # DeepSpeed's start-up (and, once, the build of its CPU op: ~95 s)
+def test_zero_stages_equal_one_process_on_the_global_batch(tmp_path):
+    pytest.importorskip("deepspeed")
+    result = two_ranks(tmp_path / "clip.pt", "zero2", "zero3")
+    for layout in ("zero2", "zero3"):
+        assert_matches_one_process(result, layout)
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}

@@ -1,7 +1,8 @@
 """The image-conditioned LM: image tokens where the `<image>` markers stand (against the decoder fed
 by hand), markers that do not match the images refused, cross-attention gates that leave the LM
-unchanged at 0, the freeze rules of both stages, 2 FSDP ranks against one process, and `tessera
-vlm` through the one trainer (exact resume, clear errors)."""
+unchanged at 0, the freeze rules of both stages, 2 ranks (FSDP2, TP, TP with sequence and loss
+parallelism; DeepSpeed ZeRO 1/2/3, slow) against one process, activation checkpointing against
+none, and `tessera vlm` through the one trainer (exact resume, clear errors)."""
 from __future__ import annotations
 
 import copy
@@ -14,15 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import vlm_worker
 from tessera.cli.main import main
 from tessera.core.build import build_trainer
-from tessera.core.config import ConfigError, ModelConfig, VisionConfig, VLMConfig, load_config
+from tessera.core.config import ConfigError, ModelConfig, ParallelConfig, VisionConfig, VLMConfig, load_config
 from tessera.core.metrics import read_metrics
 from tessera.core.tokenizer import train_char
+from tessera.distributed.mesh import ParallelDims
+from tessera.distributed.parallelize import parallelize
 from tessera.multimodal.image_shards import prepare_images
 from tessera.multimodal.scenes import synth_scenes
 from tessera.multimodal.text_tokens import IGNORE, PromptAnswerTokens, encode_with_images
-from tessera.multimodal.vlm import VLM, set_trainable
+from tessera.multimodal.vlm import VLM, set_trainable, vlm_objective
+from tessera.multimodal.vlm_inference import load_vlm
 from tessera.multimodal.vlm_task import VLMTask
 
 TESTS = Path(__file__).resolve().parent
@@ -119,27 +124,96 @@ def test_freeze_rules_of_the_stages():
         VLMConfig(freeze=("eyes",))
 
 
-def test_two_fsdp_ranks_equal_one_process_on_the_global_batch(tmp_path):
-    """Both fusions, vision frozen, and cross-attention with LoRA on the LM. float32 sums in another
-    order differ by ~1e-7 relative; 1e-5 of the largest gradient leaves room for that and catches a
-    missing or doubled term."""
-    out = tmp_path / "vlm.pt"
+def two_ranks(out: Path, *layouts: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(TESTS / "vlm_worker.py"), str(out)]
+           str(TESTS / "vlm_worker.py"), str(out), *layouts]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    for fusion, result in torch.load(out).items():
-        ref, fsdp = result["reference"], result["fsdp"]
-        assert fsdp["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5), fusion
-        assert ref["grads"].keys() == fsdp["grads"].keys()
-        assert not any(n.startswith("vision.") for n in ref["grads"]) and any(n.startswith("projector.") for n in ref["grads"])
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict:
+    """FSDP2 (plain and with LoRA), TP=2 and TP=2 with sequence and loss parallelism, in one launch."""
+    return two_ranks(tmp_path_factory.mktemp("vlm_layouts") / "vlm.pt", "fsdp", "fsdp_lora", "tp", "tp_sp")
+
+
+def assert_matches_one_process(runs: dict, layout: str) -> None:
+    """Both fusions, every rank. float32 sums in another order differ by ~1e-7 relative; 1e-5 (of the
+    largest gradient) leaves room for that and catches a missing or doubled term."""
+    frozen, lora = vlm_worker.variant(layout)
+    for fusion, ranks in runs[layout].items():
+        ref = runs["reference"][fusion, frozen, lora]
+        assert len(ranks) == 2
+        assert any(n.startswith("vision.") for n in ref["grads"]) == ("vision" not in frozen)
+        assert any(n.startswith("projector.") for n in ref["grads"])
+        assert any(n.startswith("cross.") for n in ref["grads"]) == (fusion == "cross_attention")
         lm = [n for n in ref["grads"] if n.startswith("lm.")]
-        assert lm and all(".lora_" in n for n in lm) == fusion.endswith("_lora"), fusion  # LoRA: adapters, not the LM
+        assert lm and all(".lora_" in n for n in lm) == lora  # LoRA: the adapters train, not the LM
         scale = max(g.abs().max().item() for g in ref["grads"].values())
-        for name, grad in ref["grads"].items():
-            torch.testing.assert_close(fsdp["grads"][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=f"{fusion} {name}")
-        assert fsdp["eval"].item() == pytest.approx(ref["eval"].item(), rel=1e-5), fusion
+        for rank, got in enumerate(ranks):
+            where = f"{layout} {fusion} rank {rank}"
+            assert got["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5), where
+            assert ref["grads"].keys() == got["grads"].keys(), where
+            for name, grad in ref["grads"].items():
+                torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-5 * scale,
+                                           msg=f"{where} {name}")
+            assert got["norm"].item() == pytest.approx(ref["norm"].item(), rel=1e-5), where
+            assert got["eval"].item() == pytest.approx(ref["eval"].item(), rel=1e-5), where
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp_lora", "tp", "tp_sp"])
+def test_two_ranks_equal_one_process_on_the_global_batch(layouts, layout):
+    """FSDP2 with the vision tower frozen (and with LoRA on the LM); TP (plain, and with sequence and
+    loss parallelism) training every part: the replicated vision tower, projector and cross-attention layers get the
+    one-process gradients on every TP rank."""
+    assert_matches_one_process(layouts, layout)
+
+
+@pytest.mark.slow  # DeepSpeed's start-up (and, once, the build of its CPU op: ~95 s)
+def test_zero_stages_equal_one_process_on_the_global_batch(tmp_path):
+    """ZeRO 1/2/3 with the vision tower frozen: gradients assembled from the partitions."""
+    pytest.importorskip("deepspeed")
+    runs = two_ranks(tmp_path / "vlm.pt", "zero1", "zero2", "zero3")
+    for layout in ("zero1", "zero2", "zero3"):
+        assert_matches_one_process(runs, layout)
+
+
+@pytest.mark.parametrize("mode", ["full", "op"])
+def test_activation_checkpointing_keeps_loss_and_gradients(mode):
+    """One process, through `parallelize`: recomputing the decoder's blocks (and the cross-attention
+    layers hooked on them) in backward runs the same float ops, so everything is equal exactly."""
+    for fusion in ("prefix", "cross_attention"):
+        model = vlm_worker.new_model(fusion, ())
+        checkpointed = copy.deepcopy(model)
+        parallelize(checkpointed, ParallelConfig(activation_checkpoint=mode), ParallelDims(1, 1, 1, 1), None)
+        assert checkpointed.state_dict().keys() == model.state_dict().keys()
+        batch = vlm_worker.global_batch(model.image_tokens)
+        results = []
+        for m in (model, checkpointed):
+            loss, _ = vlm_objective(m, batch)
+            loss.backward()
+            results.append((loss, {n.replace("._checkpoint_wrapped_module", ""): p.grad
+                                   for n, p in m.named_parameters()}))
+        (loss, grads), (ac_loss, ac_grads) = results
+        assert torch.equal(loss, ac_loss), fusion
+        assert grads.keys() == ac_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(ac_grads[name], grad, rtol=0, atol=0, msg=f"{fusion} {name}")
+
+
+def test_sequence_parallel_batches_pad_to_a_multiple_of_tp():
+    """Padding after every row's text: the positions and targets of the rows are unchanged."""
+    tok = train_char(["abcdefgh?"])
+    batch = {"texts": ["a?", "abc?"], "answers": ["b", "cd"]}
+    plain = PromptAnswerTokens(tok, 16, prompt="<image>{text}", image_tokens=3)(batch)
+    padded = PromptAnswerTokens(tok, 16, prompt="<image>{text}", image_tokens=3, multiple=4)(batch)
+    width = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == -(-width // 4) * 4 > width
+    for key in ("input_ids", "targets", "attention_mask", "image_mask"):
+        assert torch.equal(padded[key][:, :width], plain[key]), key
+    assert (padded["targets"][:, width:] == IGNORE).all() and not padded["image_mask"][:, width:].any()
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +267,48 @@ def test_align_trains_the_projector_only_and_resumes_exactly(scene_data, tmp_pat
         assert torch.equal(a, b), name
 
 
+def launch(data, run_dir, *extra) -> None:
+    """`tessera vlm` on 2 ranks under torchrun."""
+    config = run_dir.parent / f"{run_dir.name}.toml"
+    config.write_text("")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tessera",
+           "vlm", str(config), *vlm_args(data, run_dir, "--checkpoint.every=2", *extra)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.mark.slow  # four two-rank launches of the trainer, DeepSpeed's start-up in two
+def test_tessera_vlm_on_tp_and_zero3_trains_and_resumes(scene_data, tmp_path, one_thread):
+    """TP=2 with sequence parallelism (batches padded to even lengths), cross-attention and every part
+    trained reads what one process reads: the same losses, also resumed from its sharded checkpoint.
+    ZeRO-3 resumes exactly, and its consolidated weights load as the VLM (the tied embedding once)."""
+    trained = ["--vlm.fusion=cross_attention", "--vlm.cross_every=1", '--vlm.freeze=["none"]']
+    one = make(scene_data, tmp_path / "one", *trained)
+    one.fit()
+    tp = ["--parallel.tp=2", "--parallel.dp_shard=1", *trained]
+    launch(scene_data, tmp_path / "tp", *tp)
+    launch(scene_data, tmp_path / "tp_resumed", *tp,
+           f"--checkpoint.resume={json.dumps(str(tmp_path / 'tp' / 'checkpoints' / 'step_000002'))}")
+    ref = dict(logged(tmp_path / "one", "loss"))
+    for run, first in (("tp", 1), ("tp_resumed", 3)):
+        got = dict(logged(tmp_path / run, "loss"))
+        assert sorted(got) == list(range(first, 5)), run
+        for step, loss in got.items():
+            assert loss == pytest.approx(ref[step], rel=1e-5), (run, step)  # float32 sums in another order
+    zero3 = ["--parallel.engine=deepspeed", "--parallel.zero_stage=3"]
+    launch(scene_data, tmp_path / "zero3", *zero3)
+    launch(scene_data, tmp_path / "zero3_resumed", *zero3,
+           f"--checkpoint.resume={json.dumps(str(tmp_path / 'zero3' / 'checkpoints' / 'step_000002'))}")
+    assert logged(tmp_path / "zero3_resumed", "loss") == logged(tmp_path / "zero3", "loss")[2:]
+    final = [load_vlm(tmp_path / run / "checkpoints" / "step_000004")[0].state_dict()
+             for run in ("zero3", "zero3_resumed")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert torch.equal(final[0]["lm.lm_head.weight"], final[0]["lm.tok_emb.weight"])
+
+
 @pytest.mark.parametrize("extra,message", [
-    (["--parallel.tp=2"], "parallel.tp=2"),
+    (["--parallel.tp=2"], "parallel.tp=2 does not fit a world size of 1"),
     (["--lora.r=4"], "lora.r=4 puts adapters on the LM, which this run keeps frozen (vlm.stage='align'"),
     (["--lora.r=4", "--vlm.stage=instruct", "--vlm.freeze=[\"vision\", \"lm\"]"], "frozen: vision, lm); LoRA needs"),
     (["--lora.r=4", "--vlm.stage=instruct", "--lora.targets=[\"q_proj\"]"], "no linear layer named any of ['q_proj']"),

@@ -101,7 +101,7 @@ class DeepSpeedEngine(LocalEngine):
 
     def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
         """Global mean loss; DeepSpeed applies the 1/grad_accum scale itself (set from train.grad_accum)."""
-        self.ds.train()
+        self._mode(training=True)
         with self.autocast():
             loss, metrics = self.objective(self.ds, batch)
         self.ds.backward(loss)
@@ -112,11 +112,17 @@ class DeepSpeedEngine(LocalEngine):
 
     @torch.no_grad()
     def eval_loss(self, batch) -> torch.Tensor:
-        self.ds.eval()
+        self._mode(training=False)
         with self.autocast():
             loss, metrics = self.objective(self.ds, batch)
         self.metrics = {k: world_mean(v.float()) for k, v in metrics.items()}
         return world_mean(loss.float())
+
+    def _mode(self, training: bool) -> None:
+        """DeepSpeed's train()/eval() set the wrapped module's mode but not the engine's own `training`,
+        which an objective handed the engine reads (CLIP's retrieval metrics are computed in evaluation)."""
+        self.ds.train(training)
+        self.ds.training = training
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Runs DeepSpeed's step (norm, clip at the configured value, skip if not finite) and returns
@@ -212,13 +218,12 @@ def _close_at_exit(engine: weakref.ref) -> None:
         alive.close()
 
 
-def _full_weights(model: Transformer) -> dict[str, torch.Tensor]:
+def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights as standalone tensors: ZeRO keeps them as views into flat buffers, which safetensors
-    refuses, and tied embeddings are stored once, as `save_model` would."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight")
-    return state
+    refuses, and a tensor held under two names (tied embeddings, wherever the decoder sits in the
+    model) is stored once, under its first name, as `save_model` would."""
+    unique = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in unique}
 
 
 def _free_port() -> int:

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -109,12 +110,13 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         attn.n_heads //= tp  # the attention reshapes with its local head counts
         attn.n_kv_heads //= tp
     if sequence_parallel:
-        model.register_forward_pre_hook(partial(_check_sequence_divides, tp))
-        # The first block shards the (replicated) embeddings along the sequence; the final norm
-        # gathers them back for the replicated LM head and loss.
+        model.drop.register_forward_pre_hook(partial(_check_sequence_divides, tp))
+        # The embeddings (token lookups, or whatever came in as `inputs_embeds`) are sharded along
+        # the sequence as they leave the embedding dropout, before the first block or anything hooked
+        # on one; the final norm gathers them back for the replicated LM head and loss.
         parallelize_module(model, tp_mesh, {
-            "layers.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                           use_local_output=True),
+            "drop": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+                                        use_local_output=True),
             "norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                        use_local_output=True),
         })
@@ -122,9 +124,30 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
 
 def _check_sequence_divides(tp: int, module: nn.Module, args: tuple) -> None:
     """Uneven sequence shards make gloo abort the process; fail with a message instead."""
-    if args and args[0].shape[1] % tp:
+    if args[0].shape[1] % tp:
         raise ConfigError(f"sequence parallelism needs the sequence length ({args[0].shape[1]}) to be "
                           f"divisible by parallel.tp={tp}; or set parallel.sequence_parallel=false")
+
+
+def gather_sequence_for(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Modules outside the decoder that are hooked onto its residual stream (their first positional
+    argument, and what they return) and declare `whole_sequence = True` (the VLM's gated
+    cross-attention) run replicated on the TP group. Under sequence parallelism each is handed the
+    whole sequence, all-gathered, and hands back this rank's slice of its output; so it computes,
+    and its parameters get, what they would in one process."""
+    for module in model.modules():
+        if getattr(module, "whole_sequence", False):
+            module.register_forward_pre_hook(partial(_gather_sequence, tp_mesh))
+            module.register_forward_hook(partial(_slice_sequence, tp_mesh))
+
+
+def _gather_sequence(mesh: DeviceMesh, module: nn.Module, args: tuple) -> tuple:
+    whole = DTensor.from_local(args[0], mesh, (Shard(1),), run_check=False).redistribute(mesh, (Replicate(),))
+    return (whole.to_local(), *args[1:])
+
+
+def _slice_sequence(mesh: DeviceMesh, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return DTensor.from_local(output, mesh, (Replicate(),), run_check=False).redistribute(mesh, (Shard(1),)).to_local()
 
 
 def _save_matmuls(ctx, op, *args, **kwargs):
@@ -173,13 +196,18 @@ def apply_fsdp(model: nn.Module, body: Transformer, dp_mesh: DeviceMesh, cfg: Pa
 def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh: DeviceMesh | None) -> nn.Module:
     """`model` with TP/SP, activation checkpointing and FSDP2/HSDP/DDP applied in place.
 
-    `model` is a `Transformer`, or a module holding one (a reward model's body and head): the
-    blocks are found in the Transformer, the root is the whole module.
+    `model` is a `Transformer`, or a module holding one (a reward model's body and head, an
+    image-conditioned LM's decoder beside its vision tower): the blocks are found in the first
+    Transformer, the root is the whole module. TP splits only that decoder; the root's other parts
+    stay replicated on the TP group (plain parameters whose gradients every TP rank computes
+    alike), sharded or replicated over data parallelism with the root.
     """
     body = next(m for m in model.modules() if isinstance(m, Transformer))
     if dims.tp > 1:
         frozen = {name for name, p in body.named_parameters() if not p.requires_grad}
         apply_tp(body, mesh["tp"], cfg.sequence_parallel)
+        if cfg.sequence_parallel:
+            gather_sequence_for(model, mesh["tp"])
         if cfg.loss_parallel:
             apply_vocab_parallel(body, mesh["tp"])
         for name, p in body.named_parameters():  # SequenceParallel re-registers the norms as trainable

@@ -12,6 +12,9 @@ same text in retrieval on every rank.
 Evaluation: a held-out folder (`clip.val_path`) is scored as one batch per rank (loss, image<->text
 Recall@1/5/10 over all of it and, when every row has a label, zero-shot accuracy with `clip.prompt`
 for each class); without one, the shards' val split, with Recall@K within each evaluation batch.
+
+Layouts: one process, DDP, FSDP2 and DeepSpeed ZeRO 1/2/3; not tensor parallelism, since the
+contrastive loss gathers its negatives from every rank (`clip.gather_rows`).
 """
 from __future__ import annotations
 
@@ -122,9 +125,10 @@ class CLIPTask(BaseTask):
                                      if p.exists())
 
     def check(self, cfg: Config, placement: Placement) -> None:
-        if cfg.parallel.tp > 1 or cfg.parallel.engine != "fsdp":
-            raise ConfigError(f"tessera clip runs on data parallelism (FSDP2/DDP): parallel.tp={cfg.parallel.tp} "
-                              f"and parallel.engine={cfg.parallel.engine!r} are not supported; use tp = 1, engine = 'fsdp'")
+        if cfg.parallel.tp > 1:
+            raise ConfigError(f"tessera clip runs on data parallelism (FSDP2/DDP, DeepSpeed ZeRO): parallel.tp="
+                              f"{cfg.parallel.tp} is not supported (the contrastive loss gathers its negatives from "
+                              "every rank, and the ranks of a TP group hold the same rows); use tp = 1")
         if cfg.lora.r > 0:
             raise ConfigError(f"lora.r={cfg.lora.r}: tessera clip trains every weight; set lora.r = 0")
 

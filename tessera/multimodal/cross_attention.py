@@ -3,7 +3,8 @@ is added through tanh gates that start at 0 (the LM is unchanged until training 
 
 The layers are applied from outside the decoder: a forward pre-hook on a block hands the block
 `x + gated cross-attention(x, images)` instead of `x`, so `core.model` stays plain and the LM's
-weights keep their own names (the text part still converts to Hugging Face).
+weights keep their own names (the text part still converts to Hugging Face). Under tensor
+parallelism they stay replicated (whole heads on every rank), like the vision tower.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from tessera.core.model import MLP, Norm
 
 class GatedCrossAttention(nn.Module):
     """x + tanh(a) * attn(norm(x), images); then + tanh(b) * mlp(norm(.)); a = b = 0 at init."""
+
+    # Replicated under tensor parallelism; with sequence parallelism the block input it is hooked on is
+    # one rank's slice of the sequence, so `distributed.parallelize` hands it the whole sequence instead.
+    whole_sequence = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

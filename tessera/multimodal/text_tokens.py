@@ -54,13 +54,17 @@ class PromptAnswerTokens:
     max_len); `attention_mask` 1 on real tokens. Question/answer batches fill `prompt` with each
     question (`{text}`); caption batches have `caption_prompt` as prompt and the caption as answer.
     With `image_tokens` set, the prompt's `<image>` marker (one per row: its image) becomes that
-    many positions, flagged in `image_mask` (B, L), for the image-conditioned LM to fill."""
+    many positions, flagged in `image_mask` (B, L), for the image-conditioned LM to fill. L is
+    rounded up to a multiple of `multiple` (sequence parallelism splits it over that many ranks;
+    `max_len` must then be one too): the extra positions are padding, after every row's text."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, prompt: str = "{text}", caption_prompt: str = "",
-                 image_tokens: int | None = None):
+                 image_tokens: int | None = None, multiple: int = 1):
         if max_len < 2:
             raise ValueError(f"max_len={max_len} must be at least 2")
-        self.tokenizer, self.max_len = tokenizer, max_len
+        if max_len % multiple:
+            raise ValueError(f"max_len={max_len} must be a multiple of {multiple}")
+        self.tokenizer, self.max_len, self.multiple = tokenizer, max_len, multiple
         self.prompt, self.caption_prompt, self.image_tokens = prompt, caption_prompt, image_tokens
 
     def _prompt(self, text: str) -> tuple[list[int], list[bool]]:
@@ -85,7 +89,7 @@ class PromptAnswerTokens:
             rows.append((head + tok.encode(a) + [tok.eos_id])[: self.max_len])
             n_prompt.append(len(head))
             flags.append(image)
-        width = max(len(r) for r in rows)
+        width = -(-max(len(r) for r in rows) // self.multiple) * self.multiple
         ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -7,6 +7,11 @@ the text keeps its own positions and gated cross-attention layers (`cross_attent
 in front of every k-th decoder block from outside, read the image tokens; their tanh gates start
 at 0, so the LM starts out exactly the LM it was.
 
+Parallelism is applied from outside (`tessera.distributed.parallelize`) and splits only the
+decoder under tensor parallelism: the vision tower, projector and cross-attention layers stay
+replicated on the TP group. The image tokens are spliced into the embeddings here, before the
+decoder, which is where sequence parallelism shards the sequence.
+
 The checkpoint holds every part (`vision.*`, `projector.*`, `cross.*`, `lm.*`); its config.json is
 the LM's, its run_config.toml the rest.
 """

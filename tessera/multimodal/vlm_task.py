@@ -14,9 +14,14 @@ cross-attention layers train and the vision tower stays frozen unless vlm.freeze
 Checkpoints hold every part with the adapters; at the end `tessera vlm` exports them as
 adapter/ (the LM's adapters) and merged/ (a plain VLM checkpoint), as the text stages do.
 
-Layouts: one process, DDP and FSDP2 (the LM's blocks sharded, the vision tower and projector
-sharded with the root); not tensor parallelism (the vision tower would stay replicated and the
-image tokens would have to be laid out for the LM's sequence-parallel input) nor DeepSpeed.
+Layouts: whatever `tessera.distributed` applies to the decoder, from outside. DDP and FSDP2
+shard the LM's blocks and put the vision tower, projector and cross-attention layers in the root's
+unit. Tensor parallelism splits the decoder only: the vision tower, projector and cross-attention
+layers stay replicated on the TP group (their gradients alike on its ranks, reduced over data
+parallelism). The image tokens are spliced into the embeddings before the decoder, so sequence
+parallelism shards them with the text where it shards any embeddings (batches are padded to a
+multiple of tp for it); the cross-attention layers get the whole sequence gathered. DeepSpeed
+ZeRO 1/2/3 and activation checkpointing of the decoder's blocks work as for the text stages.
 """
 from __future__ import annotations
 
@@ -84,9 +89,6 @@ class VLMTask(BaseTask):
                                      if p.exists())
 
     def check(self, cfg: Config, placement: Placement) -> None:
-        if cfg.parallel.tp > 1 or cfg.parallel.engine != "fsdp":
-            raise ConfigError(f"tessera vlm runs on data parallelism (FSDP2/DDP): parallel.tp={cfg.parallel.tp} and "
-                              f"parallel.engine={cfg.parallel.engine!r} are not supported; use tp = 1, engine = 'fsdp'")
         if cfg.lora.r > 0 and "lm" in cfg.vlm.frozen_parts:
             raise ConfigError(f"lora.r={cfg.lora.r} puts adapters on the LM, which this run keeps frozen (vlm.stage="
                               f"{cfg.vlm.stage!r}, frozen: {', '.join(cfg.vlm.frozen_parts)}); LoRA needs vlm.stage = "
@@ -119,7 +121,9 @@ class VLMTask(BaseTask):
 
     def loaders(self, cfg: Config, dp_rank: int, dp_size: int):
         t, v = cfg.train, cfg.vlm
-        collate = PromptAnswerTokens(self.tokenizer, t.seq_len, v.prompt, v.caption_prompt, image_tokens(cfg))
+        p = cfg.parallel
+        collate = PromptAnswerTokens(self.tokenizer, t.seq_len, v.prompt, v.caption_prompt, image_tokens(cfg),
+                                     multiple=p.tp if p.sequence_parallel else 1)
         common = dict(batch_size=t.batch_size, transform=image_transform(cfg), rank=dp_rank, world_size=dp_size,
                       on_error=cfg.data.on_error, text_collate=collate)
         train = ImageTextLoader(self.manifest, "train", num_workers=cfg.data.num_workers, seed=t.seed,
