@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import pytest
 import torch
@@ -34,43 +35,60 @@ MEASURED = {
 }
 
 
-def measure(model_kw: dict, micro_batch: int, seq_len: int, ac: str) -> int:
-    """Peak RSS growth (bytes) over two full AdamW steps, in this (fresh) process.
+def peak_growth(run: Callable[[bool], None]) -> int:
+    """Peak RSS growth (bytes) of `run(False)` (full training steps), in this (fresh) process.
 
     glibc is told (by the parent) to mmap every allocation above 64 KiB, so freed tensors leave
-    the resident set at once and the peak (VmHWM) follows live tensors. A tiny model trains first so
-    that kernels' code pages and thread pools are resident before the baseline is read.
+    the resident set at once and the peak (VmHWM) follows live tensors. `run(True)` trains a tiny
+    model first so that kernels' code pages and thread pools are resident before the baseline is read.
     """
-    import torch.utils.checkpoint as ckpt
-
     from tessera.core.metrics import peak_rss_bytes, reset_peak_rss, rss_bytes
-    from tessera.core.model import Block, Transformer
 
     torch.set_num_threads(1)
-    if ac == "full":
-        plain = Block.forward
-        Block.forward = lambda self, *a: ckpt.checkpoint(plain, self, *a, use_reentrant=False)
-
-    def steps(cfg: ModelConfig, b: int, s: int) -> None:
-        model = Transformer(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        for _ in range(2):
-            idx = torch.randint(0, cfg.vocab_size, (b, s))
-            model(idx, idx).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    tiny = dict(model_kw, n_layers=1, vocab_size=64)
-    steps(ModelConfig(**tiny, max_seq_len=seq_len), 1, 32)
+    run(True)
     reset_peak_rss()
     base = rss_bytes()
-    steps(ModelConfig(**model_kw, max_seq_len=seq_len), micro_batch, seq_len)
+    run(False)
     return peak_rss_bytes() - base
 
 
-def measured_peak(name: str) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, __file__, name], env=env, check=True, capture_output=True, text=True)
+def two_steps(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> None:
+    """Two full AdamW steps of the trained parameters (as tessera's optimizer, frozen ones left out)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    for _ in range(2):
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def measure(model_kw: dict, micro_batch: int, seq_len: int, ac: str) -> int:
+    """Peak growth of two steps of a text model (see `peak_growth`)."""
+    import torch.utils.checkpoint as ckpt
+
+    from tessera.core.model import Block, Transformer
+
+    if ac == "full":
+        plain = Block.forward
+        Block.forward = lambda self, *a, **kw: ckpt.checkpoint(plain, self, *a, use_reentrant=False, **kw)
+
+    def run(warmup: bool) -> None:
+        kw, b, s = (dict(model_kw, n_layers=1, vocab_size=64), 1, 32) if warmup else (model_kw, micro_batch, seq_len)
+        model = Transformer(ModelConfig(**kw, max_seq_len=seq_len))
+
+        def loss() -> torch.Tensor:
+            idx = torch.randint(0, model.cfg.vocab_size, (b, s))
+            return model(idx, idx)
+
+        two_steps(model, loss)
+
+    return peak_growth(run)
+
+
+def measured_peak(name: str, script: str = __file__) -> int:
+    """The peak of case `name`, measured by `script` run as a fresh process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `tests.test_planner` importable there
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, script, name], env=env, check=True, capture_output=True, text=True)
     return int(out.stdout.split()[-1])
 
 

@@ -344,6 +344,13 @@ class VisionConfig:
         """Patches, plus the class token with pool = "cls"."""
         return self.num_patches + (self.pool == "cls")
 
+    def block_config(self) -> ModelConfig:
+        """The text model's config that builds blocks of this encoder's width (LayerNorm, biases, GELU
+        MLP): what the encoder is built of, and what the planner counts it as."""
+        return ModelConfig(n_layers=self.n_layers, n_heads=self.n_heads, d_model=self.d_model, d_ff=self.d_ff,
+                           max_seq_len=self.num_tokens, norm="layernorm", norm_eps=self.norm_eps, bias=True,
+                           mlp="gelu", dropout=self.dropout, init_std=self.init_std)
+
 
 @dataclass(frozen=True)
 class ClipConfig:

@@ -6,6 +6,13 @@ real CPU run (tests/test_planner.py trains four small models; the estimates are 
 their measured peaks, the test allows 15%). Assumptions:
 
 - Parameters are counted exactly from `Transformer(cfg)` built on the meta device.
+- Images (`vision`: a VLM or CLIP, `vision_plan.py`; tests/test_planner_vision.py measures VLM and
+  CLIP steps, within 1%): the vision tower, projector and cross-attention layers are sharded by
+  FSDP/ZeRO like the rest (in the root's unit) and replicated under TP, every TP rank running all
+  of them for its micro-batch (tessera vlm itself runs without TP). Frozen parts have no gradients
+  or optimizer state; a frozen tower keeps no activations, a frozen decoder no matmul inputs.
+  Prefix fusion's image tokens lengthen the decoder's sequence (activations, loss, flops); CLIP
+  has no vocabulary loss, and an untied LM head of its text tower no gradient.
 - Ranks are laid out tp innermost, then dp_shard, then dp_replicate; a group is intra-node (NVLink
   bandwidth) when it fits within `gpus_per_node` consecutive ranks, else inter-node.
 - TP (Megatron-style, sequence parallel, vocab-parallel head and loss) shards every matrix,
@@ -43,11 +50,13 @@ their measured peaks, the test allows 15%). Assumptions:
 - Checked against torchtitan's published H100 rows (tests/test_planner.py carries them with their
   source): within 15% for Llama 3.1 8B on 8 and 128 GPUs and 70B on FSDP 32 x TP 8.
 - Time = compute + communication with no overlap (an upper bound). Compute = flops_per_token
-  (6N without embeddings + 12 L d S attention) x tokens / tp, +2N per recomputed block, at
-  `mfu` x peak (fp32 at half the bf16 peak). Communication per GPU: FSDP/ZeRO-3 all-gather in
-  forward and backward plus a gradient reduce-scatter, (n-1)/n of the bytes each; ZeRO-1/2 and DDP
-  a reduce-scatter + all-gather (as an all-reduce); HSDP an extra all-reduce of the shard over
-  dp_replicate; TP four all-reduces of the layer activations per layer (six with full recompute).
+  (6N without embeddings + 12 L d S attention; 4N for a frozen decoder) x tokens / tp, +2N per
+  recomputed block, + the image side (6 per parameter per token plus attention, a frozen tower's
+  forward a third of that), at `mfu` x peak (fp32 at half the bf16 peak). Communication per GPU:
+  FSDP/ZeRO-3 all-gather in forward and backward plus a gradient reduce-scatter, (n-1)/n of the
+  bytes each; ZeRO-1/2 and DDP a reduce-scatter + all-gather (as an all-reduce); HSDP an extra
+  all-reduce of the shard over dp_replicate; TP four all-reduces of the layer activations per
+  layer (six with full recompute).
 """
 from __future__ import annotations
 
@@ -58,6 +67,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tessera.core.config import ModelConfig
+from tessera.distributed.activation_bytes import layer_activation_bytes
+from tessera.distributed.vision_plan import ImageSide, Vision, image_side
 
 GIB = 1 << 30
 CHUNK_LOGITS = 1 << 24  # as tessera.kernels.cross_entropy_torch
@@ -184,25 +195,12 @@ def _check(c: ModelConfig, gpus: int, lay: Layout) -> None:
         raise ValueError(f"zero_stage={lay.zero_stage} is not valid; valid: 1, 2, 3")
 
 
-def layer_activation_bytes(c: ModelConfig, tokens: float, ac: str, act_b: int, mm_every: int = 1) -> float:
-    """Bytes one layer saves for `tokens` tokens (ac "op": its input, the attention output and
-    every `mm_every`-th matmul output, counted in forward order from the first)."""
-    d, q, kv, f = c.d_model, c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.ffn_dim
-    rms = c.norm == "rmsnorm"
-    qkv_out = q + 2 * kv + q  # q, k, v (after RoPE) and the attention output (heads can be wider than d)
-    if ac == "op":  # block input, attention output; q, k, v, wo, up (+gate) and down outputs
-        matmuls = [q, kv, kv, d, *([f, f] if c.mlp == "swiglu" else [f]), d]
-        return tokens * ((d + q + sum(matmuls[::mm_every])) * act_b + c.n_heads * 4)
-    norms = 2 * (d + (d if rms else 0))  # each norm's input (+ RMSNorm's normalized copy)
-    mlp = (4 if c.mlp == "swiglu" else 2) * f
-    stats = (1 if rms else 2) * 2 + c.n_heads  # norm statistics and log-sum-exp, fp32
-    masks = 2 * d if c.dropout > 0 else 0  # two one-byte residual dropout masks
-    return tokens * ((norms + 2 * d + qkv_out + mlp) * act_b + stats * 4 + masks)
-
-
 def plan(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, micro_batch: int,
-         layout: Layout, hw: Hardware = Hardware(), fused_loss: bool | None = None) -> Estimate:
-    """Per-GPU memory (gpu_mem_gb in GiB) and step time of one layout; ValueError if impossible."""
+         layout: Layout, hw: Hardware = Hardware(), fused_loss: bool | None = None,
+         vision: Vision | None = None) -> Estimate:
+    """Per-GPU memory (gpu_mem_gb in GiB) and step time of one layout; ValueError if impossible.
+    `vision`: the image side of a VLM or CLIP; `seq_len` is then the text's positions, and prefix
+    fusion's image tokens lengthen the decoder's sequence."""
     c, lay = model_cfg, layout
     _check(c, gpus, lay)
     if seq_len < 1 or micro_batch < 1:
@@ -211,21 +209,26 @@ def plan(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, mic
     tp, shard = lay.tp, lay.dp_shard
     bf16 = lay.precision == "bf16"
     act_b = 2 if bf16 else 4
-    # Parameters of one TP rank: matrices and embeddings split, norms replicated.
+    seq = seq_len + (vision.prefix_tokens if vision else 0)  # the decoder's positions
+    img = image_side(vision, c, micro_batch, seq, lay.ac, lay.ac_every, act_b) if vision else ImageSide()
+    # Parameters of one TP rank: matrices and embeddings split, norms and the image side replicated.
     per_tp = (n["total"] - n["block_1d"] * c.n_layers - n["head_1d"]) / tp + n["block_1d"] * c.n_layers + n["head_1d"]
+    unused_head = 0 if img.lm_loss or c.tie_embeddings else c.vocab_size * c.d_model / tp  # CLIP reads no LM head
+    held = per_tp + img.params
+    trained = (per_tp - unused_head if img.lm_trained else 0) + img.trained
     fsdp = lay.engine == "fsdp"
     stage = 3 if fsdp else lay.zero_stage
     if fsdp:
         p_b, g_b, o_b = (4, 4, 8)  # fp32 shards are the master copy
     else:
         p_b, g_b, o_b = (2, 2, 12) if bf16 else (4, 4, 8)
-    params = per_tp * p_b / (shard if stage == 3 else 1)
-    grads = per_tp * g_b / (shard if stage >= 2 else 1)
-    optimizer = per_tp * o_b / shard
+    params = held * p_b / (shard if stage == 3 else 1)
+    grads = trained * g_b / (shard if stage >= 2 else 1)
+    optimizer = trained * o_b / shard
 
-    tokens = micro_batch * seq_len / tp  # sequence parallel: activations split over tp
+    tokens = micro_batch * seq / tp  # sequence parallel: activations split over tp
     L, d, V = c.n_layers, c.d_model, c.vocab_size / tp
-    layer_full = layer_activation_bytes(c, tokens, "none", act_b)
+    layer_full = layer_activation_bytes(c, tokens, "none", act_b, trained=img.lm_trained)
     boundary = tokens * d * act_b  # a checkpointed block keeps only its input
     if lay.ac == "none":
         saved_layers, recompute = L * layer_full, 0.0
@@ -237,23 +240,26 @@ def plan(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, mic
     else:
         saved_layers, recompute = L * layer_activation_bytes(c, tokens, "op", act_b, lay.ac_mm_every), layer_full
     # Sequence parallel: the column-parallel matmuls' inputs are all-gathered to the full sequence.
-    gathered = 2 * micro_batch * seq_len * d * act_b * (1 - 1 / tp)
+    gathered = 2 * micro_batch * seq * d * act_b * (1 - 1 / tp)
     saved_layers += gathered * {"none": L, "selective": L - -(-L // lay.ac_every)}.get(lay.ac, 0)
-    rope = 2 * micro_batch * seq_len * c.head_dim * 4 if c.pos == "rope" else 0
+    rope = 2 * micro_batch * seq * c.head_dim * 4 if c.pos == "rope" else 0
     rms = c.norm == "rmsnorm"
     head_acts = tokens * (8 + (2 + rms) * d * act_b + 8) + rope  # ids, final norm in/out, stats
-    activations = saved_layers + head_acts
-    activations_no_ac = L * layer_full + head_acts
+    activations = saved_layers + head_acts + img.activations
+    activations_no_ac = L * layer_full + head_acts + img.activations_no_ac
 
-    logits = micro_batch * seq_len * V  # vocab-parallel: each rank holds its vocab slice
+    logits = micro_batch * seq * V if img.lm_loss else 0  # vocab-parallel: each rank holds its vocab slice
     fused = logits > CHUNK_LOGITS if fused_loss is None else fused_loss
-    head_grad = V * d * g_b  # the LM head's gradient, produced first in backward
-    if fused:
+    head_grad = V * d * g_b if img.lm_loss and img.lm_trained else 0  # the LM head's gradient, first in backward
+    if not img.lm_loss:
+        loss_buffers = 0.0  # CLIP: batch x global-batch similarities
+    elif fused:
         loss_buffers = tokens * d * act_b + V * d * 4 + 2 * min(logits, CHUNK_LOGITS) * 4 + V * d * 4
     else:
         loss_buffers = (4 if tp > 1 else 3) * logits * 4  # loss parallel's DTensor decomposition holds one more
     sharded_units = stage == 3 and shard > 1
-    unit = max(n["block"], n["head"] / (1 if c.tie_embeddings else 2)) / tp
+    # FSDP units: each block, and the root: embeddings, head and the whole image side.
+    unit = max(n["block"] / tp, n["head"] / (1 if c.tie_embeddings else 2) / tp + img.params)
     temporaries = unit * (2 * (2 if bf16 else 4) + 4) if sharded_units else 0.0
     runtime = hw.runtime_gb * GIB if hw.device == "cuda" else 0.0
     # Backward runs the loss first, then each block (recomputed when checkpointed) while two
@@ -264,32 +270,36 @@ def plan(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, mic
     total *= 1 + (hw.fragmentation if hw.device == "cuda" else 0.0)
 
     # Step time.
-    tok_global = micro_batch * seq_len * lay.dp_replicate * shard
-    per_token = 6 * n["non_embedding"] + 12 * L * c.n_heads * c.head_dim * seq_len  # as Transformer.flops_per_token
-    flops = per_token * micro_batch * seq_len / tp
+    tok_global = micro_batch * seq * lay.dp_replicate * shard
+    head_matmul = 0 if img.lm_loss else c.vocab_size * d
+    per_param = 6 if img.lm_trained else 4  # a frozen decoder passes input gradients only
+    attention = 12 * L * c.n_heads * c.head_dim * seq
+    per_token = per_param * (n["non_embedding"] - head_matmul) + attention  # as Transformer.flops_per_token
+    flops = per_token * micro_batch * seq / tp + img.flops  # the image side is replicated: each TP rank runs all of it
     recomputed = {"none": 0.0, "full": 1.0, "selective": -(-L // lay.ac_every) / L, "op": 0.0}[lay.ac]
-    flops += 2 * (n["total"] - n["head"]) * micro_batch * seq_len / tp * recomputed
+    flops += 2 * (n["total"] - n["head"]) * micro_batch * seq / tp * recomputed
     peak = hw.peak_tflops * 1e12 / (1 if bf16 else 2)
     compute_s = flops / (peak * hw.mfu)
     bw = lambda span: (hw.intra_gbps if span <= hw.gpus_per_node else hw.inter_gbps) * 1e9  # noqa: E731
     comm = 0.0
-    shard_bytes = per_tp * (2 if bf16 else 4)
     frac = (shard - 1) / shard
     if shard > 1 and stage == 3:
         reduce_b = 4 if fsdp else g_b  # FSDP2 reduces gradients in fp32
-        comm += (2 * shard_bytes + per_tp * reduce_b) * frac / bw(tp * shard)
+        comm += (2 * held * (2 if bf16 else 4) + trained * reduce_b) * frac / bw(tp * shard)
     elif shard > 1:
-        comm += 2 * per_tp * g_b * frac / bw(tp * shard)
+        comm += 2 * trained * g_b * frac / bw(tp * shard)
     r = lay.dp_replicate
     if r > 1:
         comm += 2 * (r - 1) / r * grads / bw(lay.world)
     if tp > 1:
         collectives = L * (4 + 2 * recomputed)
-        comm += collectives * 2 * (tp - 1) / tp * micro_batch * seq_len * d * act_b / bw(tp)
+        comm += collectives * 2 * (tp - 1) / tp * micro_batch * seq * d * act_b / bw(tp)
     step_s = compute_s + comm
     notes = []
     if lay.engine == "deepspeed" and lay.dp_replicate > 1:
         notes.append("deepspeed: ZeRO partitions over dp_shard, replicates over dp_replicate")
+    if vision and tp > 1:
+        notes.append(f"the image side ({img.params / 1e6:.1f}M parameters) is replicated on every TP rank")
     return Estimate(layout=lay, params=int(params), grads=int(grads), optimizer=int(optimizer),
                     activations=int(activations), activations_no_ac=int(activations_no_ac),
                     loss_buffers=int(loss_buffers), temporaries=int(temporaries), runtime=int(runtime),
@@ -310,7 +320,7 @@ def _divisors(n: int) -> list[int]:
 
 def rank_layouts(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: int, micro_batch: int,
                  hw: Hardware = Hardware(), precision: str = "bf16", engine: str = "fsdp",
-                 zero_stage: int = 3, fused_loss: bool | None = None) -> list[Estimate]:
+                 zero_stage: int = 3, fused_loss: bool | None = None, vision: Vision | None = None) -> list[Estimate]:
     """Every fitting layout (tp within a node, dp_shard x dp_replicate, each AC mode), fastest
     first. Ranked by tokens/s, which is step time at an equal global batch: a layout with more
     data-parallel ranks takes more tokens per step."""
@@ -322,7 +332,7 @@ def rank_layouts(model_cfg: ModelConfig, gpus: int, gpu_mem_gb: float, seq_len: 
             for ac in AC_MODES:
                 lay = Layout(dp_replicate=gpus // tp // shard, dp_shard=shard, tp=tp, ac=ac,
                              precision=precision, engine=engine, zero_stage=zero_stage)
-                est = plan(model_cfg, gpus, gpu_mem_gb, seq_len, micro_batch, lay, hw, fused_loss)
+                est = plan(model_cfg, gpus, gpu_mem_gb, seq_len, micro_batch, lay, hw, fused_loss, vision)
                 if est.fits:
                     out.append(est)
     return sorted(out, key=lambda e: (-e.tokens_per_s, e.total))

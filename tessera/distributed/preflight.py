@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tessera.core.config import Config, ConfigError, load_config
 from tessera.distributed.planner import GIB, Layout, checkpoint_bytes, hardware, plan
+from tessera.distributed.vision_plan import Vision
 
 
 def layout(cfg: Config, world: int) -> Layout:
@@ -63,7 +64,8 @@ def preflight(command: str, config: str, overrides: list[str], world: int, gpus_
         try:
             hw = hardware(gpu, gpus_per_node=gpus_per_node)
             # train.seq_len is the longest length of a progressive schedule (config.validate): the peak
-            est = plan(cfg.model, world, hw.mem_gb, cfg.train.seq_len, cfg.train.batch_size, lay, hw)
+            est = plan(cfg.model, world, hw.mem_gb, cfg.train.seq_len, cfg.train.batch_size, lay, hw,
+                       vision=Vision.of(cfg, command))
         except ValueError as e:
             raise ConfigError(f"job.gpu={gpu!r}: {e}") from None
         out.update(step_s=est.step_s, peak_gib=est.total / GIB, mem_gib=hw.mem_gb)

@@ -19,13 +19,6 @@ from tessera.core.config import ModelConfig, VisionConfig
 from tessera.core.model import MLP, Block, Norm
 
 
-def block_config(cfg: VisionConfig) -> ModelConfig:
-    """The text model's config that builds blocks of this encoder's width (LayerNorm, biases, GELU MLP)."""
-    return ModelConfig(n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_ff=cfg.d_ff,
-                       max_seq_len=cfg.num_tokens, norm="layernorm", norm_eps=cfg.norm_eps, bias=True,
-                       mlp="gelu", dropout=cfg.dropout, init_std=cfg.init_std)
-
-
 class AttentionPool(nn.Module):
     """Multi-head attention pooling ("MAP", SigLIP's head): a learned probe attends over the tokens,
     then a residual MLP on the normed result."""
@@ -52,7 +45,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        blocks = block_config(cfg)
+        blocks = cfg.block_config()
         self.patch_emb = nn.Conv2d(cfg.channels, cfg.d_model, cfg.patch_size, stride=cfg.patch_size,
                                    bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.pool == "cls" else None
