@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~17 s; the stages it times are each tested in the default run
 def test_alignment_benchmark_smoke(tmp_path):
     script = ROOT / "benchmarks" / "alignment.py"
     proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,

@@ -92,8 +92,10 @@ FSDP2 = ["--train.batch_size=8", "--parallel.dp_shard=2"]
 TP2 = ["--train.batch_size=16", "--parallel.tp=2", "--parallel.dp_shard=1"]  # sequence parallel and loss parallel
 
 
-@pytest.mark.parametrize("run, lora, layout", [("dpo", [], FSDP2), ("dpo_lora", LORA, FSDP2),
-                                              ("dpo_lora_tp", LORA, TP2)], ids=["full", "lora", "lora_tp"])
+@pytest.mark.parametrize("run, lora, layout", [  # the default run keeps LoRA on TP (~15 s each)
+    pytest.param("dpo", [], FSDP2, id="full", marks=pytest.mark.slow),
+    pytest.param("dpo_lora", LORA, FSDP2, id="lora", marks=pytest.mark.slow),
+    pytest.param("dpo_lora_tp", LORA, TP2, id="lora_tp")])
 def test_dpo_on_two_ranks_matches_one_process(work, run, lora, layout):
     """LoRA on TP: each adapter sharded along the features its layer shards (`feature_dims`)."""
     args = ("dpo", "pairs.jsonl", "pairs_val.jsonl", "--train.steps=6", "--eval.every=0", "--log.every=1",

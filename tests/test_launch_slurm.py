@@ -189,6 +189,7 @@ def test_jobs_cancel_stops_a_queued_job(slurm_cluster, data, tmp_path):
     assert wait_for(job_id, tmp_path, done=("CANCELLED",), timeout=30) == "CANCELLED"
 
 
+@pytest.mark.slow  # ~40 s: two jobs' start-ups one after the other on two cores
 def test_two_one_node_jobs_on_one_node_both_finish(slurm_cluster, data, tmp_path):
     """Each job's torchrun has a rendezvous of its own: the first job ending does not end the second
     (with one port for every job, the second joined the first's store and died when it finished)."""

@@ -116,17 +116,21 @@ TP2 = ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel
 FSDP2_TP2 = ["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.sequence_parallel=false"]
 
 
+SLOW = pytest.mark.slow  # ~20-30 s each: the default run keeps GRPO on FSDP2 and PPO with LoRA on TP
+
+
 @pytest.mark.parametrize("run, command, extra, layout, nproc, losses", [
-    ("grpo", "grpo", GRPO, FSDP2, 2, ("policy_loss", "kl_loss")),
-    ("ppo", "ppo", PPO, FSDP2, 2, ("policy_loss", "value_loss")),
-    ("ppo_lora", "ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"], FSDP2,
-     2, ("policy_loss", "value_loss")),
-    ("ppo_tp", "ppo", PPO, TP2, 2, ("policy_loss", "value_loss")),
-    ("ppo_lora_tp", "ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"], TP2,
-     2, ("policy_loss", "value_loss")),
-    ("grpo_fsdp_tp", "grpo", GRPO, FSDP2_TP2, 4, ("policy_loss", "kl_loss")),
-    ("ppo_rm", "ppo", [*PPO, "--rl.reward_fn=\"\"", "--rl.reward_model=RM"], FSDP2, 2, ("policy_loss", "value_loss")),
-], ids=["grpo", "ppo", "ppo_lora", "ppo_tp", "ppo_lora_tp", "grpo_fsdp_tp", "ppo_rm"])
+    pytest.param("grpo", "grpo", GRPO, FSDP2, 2, ("policy_loss", "kl_loss"), id="grpo"),
+    pytest.param("ppo", "ppo", PPO, FSDP2, 2, ("policy_loss", "value_loss"), id="ppo", marks=SLOW),
+    pytest.param("ppo_lora", "ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4", "--optim.lr=5e-3"],
+                 FSDP2, 2, ("policy_loss", "value_loss"), id="ppo_lora", marks=SLOW),
+    pytest.param("ppo_tp", "ppo", PPO, TP2, 2, ("policy_loss", "value_loss"), id="ppo_tp", marks=SLOW),
+    pytest.param("ppo_lora_tp", "ppo", ["--rl.rollout_batch=16", "--rl.mini_batch_size=8", "--lora.r=4",
+                                        "--optim.lr=5e-3"], TP2, 2, ("policy_loss", "value_loss"), id="ppo_lora_tp"),
+    pytest.param("grpo_fsdp_tp", "grpo", GRPO, FSDP2_TP2, 4, ("policy_loss", "kl_loss"), id="grpo_fsdp_tp", marks=SLOW),
+    pytest.param("ppo_rm", "ppo", [*PPO, "--rl.reward_fn=\"\"", "--rl.reward_model=RM"], FSDP2, 2,
+                 ("policy_loss", "value_loss"), id="ppo_rm", marks=SLOW),
+])
 def test_ranks_match_one_process(work, run, command, extra, layout, nproc, losses):
     """Same prompts per global batch, each sampled from its own seed (rl.seed_per_prompt). FSDP2: the
     rows gathered, so PPO whitens over all of them, and mini-batches drawn from one shared
