@@ -255,6 +255,13 @@ def test_align_trains_the_projector_only_and_resumes_exactly(scene_data, tmp_pat
     after = full.engine.model.state_dict()
     for name, value in before.items():
         assert torch.equal(value, after[name]) != name.startswith("projector."), name
+    assert_resume_replays(make, scene_data, tmp_path, after)
+    assert logged(tmp_path / "full", "val_loss")[0][0] == 0  # the step-0 baseline
+
+
+def assert_resume_replays(make, scene_data, tmp_path, after: dict) -> None:
+    """A run stopped at step 2 and resumed from its checkpoint logs the losses of the uninterrupted
+    run in tmp_path/full and ends with its weights `after`, bit for bit."""
     part = make(scene_data, tmp_path / "part")
     part.fit(stop_at=2)
     resumed = make(scene_data, tmp_path / "part", "--checkpoint.resume=auto")
@@ -262,7 +269,6 @@ def test_align_trains_the_projector_only_and_resumes_exactly(scene_data, tmp_pat
     resumed.fit()
     assert logged(tmp_path / "part", "loss") == logged(tmp_path / "full", "loss")
     assert logged(tmp_path / "part", "val_loss") == logged(tmp_path / "full", "val_loss")
-    assert logged(tmp_path / "full", "val_loss")[0][0] == 0  # the step-0 baseline
     for (name, a), b in zip(after.items(), resumed.engine.model.state_dict().values()):
         assert torch.equal(a, b), name
 

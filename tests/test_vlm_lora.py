@@ -18,7 +18,7 @@ from tessera.core.lora import LoRALinear
 from tessera.multimodal.vlm import VLM
 from tessera.multimodal.vlm_inference import export_lora, load_vlm
 from tessera.multimodal.vlm_task import VLMTask
-from test_vlm import logged, scene_data, vlm_args  # noqa: F401  (scene_data is a fixture)
+from test_vlm import assert_resume_replays, scene_data, vlm_args  # noqa: F401  (scene_data is a fixture)
 
 LORA = ["--vlm.stage=\"instruct\"", "--lora.r=2", "--lora.alpha=3.0"]
 
@@ -83,15 +83,7 @@ def test_adapters_and_projector_train_the_lm_stays_and_resume_is_exact(scene_dat
     for name, value in before.items():
         moved = name.startswith("projector.") or ".lora_" in name
         assert torch.equal(value, after[name]) != moved, name
-    part = make(scene_data, tmp_path / "part")
-    part.fit(stop_at=2)
-    resumed = make(scene_data, tmp_path / "part", "--checkpoint.resume=auto")
-    assert resumed.step == 2
-    resumed.fit()
-    assert logged(tmp_path / "part", "loss") == logged(tmp_path / "full", "loss")
-    assert logged(tmp_path / "part", "val_loss") == logged(tmp_path / "full", "val_loss")
-    for (name, a), b in zip(after.items(), resumed.engine.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_resume_replays(make, scene_data, tmp_path, after)
 
     batch = next(iter(full.parts.val_loader))
     args = (batch["input_ids"], batch["pixel_values"], batch["image_mask"])
