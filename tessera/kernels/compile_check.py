@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ def _other_workloads(dtype):
     swiglu_triton.swiglu_triton(g, u).backward(torch.empty_like(g))
 
 
-def record_launches(dtypes: list[str]) -> list[tuple]:
+def record_launches(dtypes: Sequence[str]) -> list[tuple]:
     """Every (kernel, args, kwargs, label) the ops launch at the representative shapes in `dtypes`."""
     JITFunction.run, Autotuner.run = _record, _every_candidate
     _launches.clear()
@@ -146,9 +147,9 @@ def _compile_one(job: tuple) -> dict:
     return {**row, "smem": compiled.metadata.shared, **_resources(compiled.asm["cubin"]), "mma": mma}
 
 
-def compile_all(arches: list[int], jobs: int, dtypes: list[str] = tuple(DTYPES)) -> list[dict]:
+def compile_all(arches: list[int], jobs: int, dtypes: Sequence[str] = tuple(DTYPES)) -> list[dict]:
     """One row per distinct compiled variant (launches that specialise alike are compiled once)."""
-    launches = record_launches(list(dtypes))
+    launches = record_launches(dtypes)
     work, seen = [], set()
     for arch in arches:
         for i, (fn, args, kwargs, _) in enumerate(launches):

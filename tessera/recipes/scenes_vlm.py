@@ -53,23 +53,23 @@ def caption_metrics(scores: dict) -> dict[str, float]:
             "caption BLEU": scores["bleu"], "caption ROUGE-L": scores["rougeL"]}
 
 
-def captions_of(ckpt, held_out) -> dict:
-    """`tessera eval captions` of a VLM checkpoint on the held-out scenes (greedy)."""
+def held_out_scores(ckpt, held_out, vqa: bool = False) -> tuple[dict, dict | None]:
+    """`tessera eval captions` (and, with `vqa`, `tessera eval vqa`) of a VLM checkpoint on the
+    held-out scenes, greedy, from one load of the model."""
     from tessera.core.tokenizer import load_tokenizer
-    from tessera.multimodal.vlm_eval import caption_scores
+    from tessera.multimodal.vlm_eval import caption_scores, vqa_scores
     from tessera.multimodal.vlm_inference import load_vlm
 
     model, cfg = load_vlm(ckpt, "cpu")
-    return caption_scores(model, cfg, load_tokenizer(ckpt), held_out, batch_size=50)
+    tokenizer = load_tokenizer(ckpt)
+    captions = caption_scores(model, cfg, tokenizer, held_out, batch_size=50)
+    return captions, vqa_scores(model, cfg, tokenizer, held_out, batch_size=50) if vqa else None
 
 
 def run(ctx: RecipeContext) -> dict:
     """prepare -> LM -> CLIP -> align -> instruct -> held-out captions (after each VLM stage and of
     the untrained projector), VQA and retrieval -> summary."""
-    from tessera.core.tokenizer import load_tokenizer
     from tessera.multimodal.clip_eval import retrieval_scores
-    from tessera.multimodal.vlm_eval import vqa_scores
-    from tessera.multimodal.vlm_inference import load_vlm
     from tessera.recipes.runner import write_summary
     from tessera.recipes.stages import train_stage
 
@@ -92,11 +92,9 @@ def run(ctx: RecipeContext) -> dict:
                                                   "--optim.lr=1e-3"], "vlm")
     held_out = root / "held_out"
     with ctx.timer("evaluate"):
-        before = caption_metrics(captions_of(untrained, held_out))
-        after_align = caption_metrics(captions_of(align, held_out))
-        captions = captions_of(instruct, held_out)
-        model, cfg = load_vlm(instruct, "cpu")
-        vqa = vqa_scores(model, cfg, load_tokenizer(instruct), held_out, batch_size=50)
+        before = caption_metrics(held_out_scores(untrained, held_out)[0])
+        after_align = caption_metrics(held_out_scores(align, held_out)[0])
+        captions, vqa = held_out_scores(instruct, held_out, vqa=True)
         after = {**caption_metrics(captions), **{f"{k} (after align)": v for k, v in after_align.items()},
                  "VQA accuracy": vqa["accuracy"], **{f"VQA {k}": v for k, v in vqa["by_question"].items()},
                  **{f"CLIP {k}": v for k, v in retrieval_scores(clip, held_out).items() if k != "pairs"}}
