@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +69,28 @@ def test_vlm_train_benchmark_small(tmp_path):
         ("prefix", "align"), ("prefix", "instruct"), ("cross_attention", "align"), ("cross_attention", "instruct")]
     assert result["rows"][0]["tokens_per_step"] == 2 * (4 + 6)  # 4 patch tokens (mean pool) + 6 text
     assert all(r["tokens_per_s"] > 0 for r in result["rows"]) and "| fusion | stage |" in proc.stdout
+
+
+def test_cpu_floor_counts_the_models_own_flops(tmp_path):
+    """The floor's products are every matmul of a step: their FLOPs equal the model's own count
+    (6 x the matrices' parameters, LM head included, + attention's score and value products)."""
+    from benchmarks.cpu_floor import step_products
+    from tessera.core.config import load_config
+    from tessera.core.model import Transformer
+
+    gpt2 = ["--model.norm=layernorm", "--model.pos=learned", "--model.mlp=gelu", "--model.d_ff=0"]
+    for blocks, overrides in (("llama", []), ("gpt2", gpt2)):
+        cfg = load_config(ROOT / "configs" / "recipes" / "shakespeare" / "train.toml", ["--model.vocab_size=65", *overrides])
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        tokens = cfg.train.batch_size * cfg.train.seq_len
+        vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # norms: counted by 6N, no matmul
+        expected = tokens * (model.flops_per_token(cfg.train.seq_len) - 6 * vectors)
+        assert sum(2 * b * m * k * n for b, m, k, n in step_products(blocks)) == expected
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_floor.py"), "--repeats", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "cpu_floor.jsonl").read_text().splitlines()]
+    assert [(r["blocks"], r["dtype"]) for r in rows] == [("llama", "float32"), ("llama", "bfloat16"),
+                                                         ("gpt2", "float32"), ("gpt2", "bfloat16")]
+    assert all(r["floor_tokens_per_s"] > 0 for r in rows) and "| floor tokens/s |" in proc.stdout

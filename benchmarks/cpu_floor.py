@@ -1,0 +1,97 @@
+"""The matmul floor of one training step of the recipe on this CPU: the time its matrix products
+alone take at the speed this machine's BLAS reaches on exactly those shapes, fp32 and bf16.
+
+Any implementation of the same step (same model, batch, context) does these products; what a
+framework adds (elementwise work, softmax, the optimizer, Python) comes on top. The floor says how
+far a speed target is from the hardware: a target above the floor's tokens/s cannot be met on
+this CPU by any schedule of the same work.
+
+    python benchmarks/cpu_floor.py                # both blocks, fp32 and bf16, torch's thread count
+    python benchmarks/cpu_floor.py --eager-tokens-per-s 17328   # also: the floor against that reference
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.recipe_speed import cpu_description  # noqa: E402
+
+RECIPE = {"batch": 12, "context": 64, "d": 128, "heads": 4, "layers": 4, "vocab": 65}
+D_FF = {"llama": 344, "gpt2": 512}
+
+
+def step_products(blocks: str) -> list[tuple[int, ...]]:
+    """(batch, m, k, n) of every product of one forward + backward: each linear's forward, input gradient
+    and weight gradient; attention's scores and weighted values with their gradients; the LM head."""
+    r = RECIPE
+    tokens, d, d_ff = r["batch"] * r["context"], r["d"], D_FF[blocks]
+    mlp_in = [(d, d_ff), (d, d_ff)] if blocks == "llama" else [(d, d_ff)]  # SwiGLU: gate and up
+    linears = [(d, d)] * 4 + mlp_in + [(d_ff, d)]  # q, k, v, o; MLP in; MLP out
+    products = []
+    for fan_in, fan_out in linears * r["layers"] + [(d, r["vocab"])]:
+        products += [(1, tokens, fan_in, fan_out), (1, tokens, fan_out, fan_in), (1, fan_out, tokens, fan_in)]
+    bh, s, hd = r["batch"] * r["heads"], r["context"], d // r["heads"]
+    attention = [(bh, s, hd, s), (bh, s, s, hd),  # scores, probs @ v
+                 (bh, s, s, hd), (bh, s, hd, s),  # d(probs) = dy @ v^T, d(v) = probs^T @ dy
+                 (bh, s, s, hd), (bh, hd, s, s)]  # d(q) = d(scores) @ k, d(k) = d(scores)^T @ q
+    return products + attention * r["layers"]
+
+
+def seconds(shape: tuple[int, ...], dtype: torch.dtype, repeats: int) -> float:
+    """Median time of one product of `shape` in `dtype`."""
+    b, m, k, n = shape
+    x, y = torch.randn(b, m, k, dtype=dtype), torch.randn(b, k, n, dtype=dtype)
+    out = torch.empty(b, m, n, dtype=dtype)
+    for _ in range(5):
+        torch.bmm(x, y, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.bmm(x, y, out=out) if b > 1 else torch.mm(x[0], y[0], out=out[0])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor(blocks: str, dtype: torch.dtype, repeats: int) -> dict:
+    products = step_products(blocks)
+    ms = 1000 * sum(seconds(p, dtype, repeats) for p in products)
+    flops = sum(2 * b * m * k * n for b, m, k, n in products)
+    tokens = RECIPE["batch"] * RECIPE["context"]
+    return {"blocks": blocks, "dtype": str(dtype).removeprefix("torch."), "products": len(products),
+            "gflop_per_step": flops / 1e9, "matmul_ms_per_step": ms, "gflop_per_s": flops / ms / 1e6,
+            "floor_tokens_per_s": tokens / ms * 1000, "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--eager-tokens-per-s", type=float, default=0.0, help="the strong eager loop's, for the ratios")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    cpu = cpu_description()
+    rows = [{**floor(blocks, dtype, args.repeats), "cpu": cpu}
+            for blocks in ("llama", "gpt2") for dtype in (torch.float32, torch.bfloat16)]
+    for row in rows:
+        print(json.dumps(row))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "cpu_floor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"\nCPU: {cpu}; {rows[0]['threads']} threads\n")
+    ref = args.eager_tokens_per_s
+    print("| blocks | dtype | GFLOP/step | matmul ms/step | GFLOP/s | floor tokens/s |" + (" floor vs eager loop |" if ref else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if ref else ""))
+    for r in rows:
+        print(f"| {r['blocks']} | {r['dtype']} | {r['gflop_per_step']:.2f} | {r['matmul_ms_per_step']:.1f} | "
+              f"{r['gflop_per_s']:.0f} | {r['floor_tokens_per_s']:,.0f} |" + (f" {r['floor_tokens_per_s'] / ref:.2f}x |" if ref else ""))
+
+
+if __name__ == "__main__":
+    main()
