@@ -9,8 +9,8 @@ DJANGO = "Django==5.2.19"  # the multilingual recipe reads its translation catal
 # tessera.interop: ONNX export (torch's exporter needs onnxscript) and checking, HTTP serving.
 INTEROP = ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20", "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27",
            "prometheus-client>=0.20"]
-# tessera.multimodal: image decoding, and scikit-learn for its bundled handwritten digits.
-VISION = ["pillow>=10.1,<14", "scikit-learn>=1.3,<2"]
+# tessera.multimodal: image decoding, scikit-learn for its bundled handwritten digits, nltk for METEOR.
+VISION = ["pillow>=10.1,<14", "scikit-learn>=1.3,<2", "nltk>=3.9"]
 
 setup(
     name="tessera",

@@ -14,6 +14,7 @@ from tessera.core.generate import Sampling
 from tessera.core.tokenizer import train_char
 from tessera.multimodal.cider import cider_d
 from tessera.multimodal.text_tokens import encode_with_images
+from tessera.multimodal.vlm_eval import meteor
 from tessera.multimodal.vlm_inference import generate_with_images
 from test_vlm import scene_data, tiny, vlm_args  # noqa: F401  (scene_data is a fixture)
 
@@ -31,6 +32,20 @@ def test_cider_d_matches_hand_computed_values():
     assert scores[1] == pytest.approx(5.0, rel=1e-12)
     with pytest.raises(ValueError, match="one of each per image"):
         cider_d(["a"], [["a"], ["b"]])
+
+
+def test_meteor_matches_hand_computed_values():
+    """METEOR = Fmean (1 - 0.5 (chunks / matches)^3), Fmean = P R / (0.9 P + 0.1 R). "red circle" in a
+    7-word reference: P = 1, R = 2/7, one chunk of 2. "circles above squares" against "a circle above a
+    square": 3 matches (two by stem), P = 1, R = 3/5, chunks (circle above)(square) = 2. The best
+    reference counts; case and a final full stop are dropped."""
+    def by_hand(p, r, chunks, matches):
+        return p * r / (0.9 * p + 0.1 * r) * (1 - 0.5 * (chunks / matches) ** 3)
+
+    assert meteor(["red circle"], [["a red circle above a blue square"]]) == pytest.approx(by_hand(1, 2 / 7, 1, 2), rel=1e-12)
+    assert meteor(["Circles above squares."], [["a circle above a square"]]) == pytest.approx(by_hand(1, 3 / 5, 2, 3), rel=1e-12)
+    assert meteor(["red circle", "blue"], [["green", "red circle"], ["red"]]) == pytest.approx(
+        (by_hand(1, 1, 1, 2) + 0) / 2, rel=1e-12)
 
 
 def reference_greedy(model, tok, prompt: str, pixels: torch.Tensor, steps: int) -> list[int]:
@@ -89,7 +104,7 @@ def test_generate_and_eval_a_vlm_checkpoint(scene_data, tmp_path, capsys, one_th
     assert main(["eval", "captions", "--ckpt", str(run), "--data", str(scenes), "--max-images", "3",
                  "--device", "cpu"]) == 0
     captions = json.loads(capsys.readouterr().out)
-    assert captions["images"] == 3 and {"exact_match", "cider_d", "bleu", "rougeL"} <= captions.keys()
+    assert captions["images"] == 3 and {"exact_match", "cider_d", "meteor", "bleu", "rougeL"} <= captions.keys()
     assert main(["generate", "--ckpt", str(run), "--image", image, "--prompt", "<image><image>", "--device", "cpu"]) == 2
     assert "2 <image> marker(s) for 1 image(s)" in capsys.readouterr().err
     # the text part converts to Hugging Face as any decoder does
