@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from tessera.cli.interop import _vision_model
+from tessera.cli.interop import vision_model_for_serving
 from tessera.cli.main import main
 from tessera.core.build import build_trainer, with_vocab
 from tessera.core.config import load_config
@@ -115,6 +115,6 @@ def test_tessera_vlm_with_lora_exports_for_generate_eval_and_serve(scene_data, t
     assert main(["eval", "vqa", "--ckpt", str(run / "merged"), "--data", str(scene_data[0].parent / "scenes"),
                  "--max-images", "2", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["questions"] >= 2
-    lm, _, _, embedder = _vision_model(str(run / "merged"), "cpu")
+    lm, _, _, embedder = vision_model_for_serving(str(run / "merged"), "cpu")
     ids, embeds = embedder(["what colour? ", (scene_data[0].parent / "scenes" / "images" / "000000.png").read_bytes()])
     assert embeds.shape == (len(ids), lm.cfg.d_model)

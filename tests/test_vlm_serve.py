@@ -7,42 +7,25 @@ import base64
 import contextlib
 import io
 import json
-import socket
-import threading
-import time
 
 import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from tessera.cli.interop import _vision_model  # noqa: E402
+from tessera.cli.interop import vision_model_for_serving  # noqa: E402
 from tessera.cli.main import main  # noqa: E402
 from tessera.core.generate import Sampling  # noqa: E402
-from tessera.interop.serve import create_app  # noqa: E402
+from tessera.interop.serve import create_app, serving  # noqa: E402
 from tessera.multimodal.vlm_inference import generate_with_images, image_pixels, load_vlm  # noqa: E402
 from test_vlm import scene_data, vlm_args  # noqa: E402, F401  (scene_data is a fixture)
 
 
 @contextlib.contextmanager
 def running(app):
-    """The app on a free loopback port in a uvicorn thread; an openai client pointed at it."""
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    """The app served in a uvicorn thread (`tessera.interop.serve.serving`); an openai client pointed at it."""
+    with serving(app) as url:
+        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +35,7 @@ def served(scene_data, tmp_path_factory):  # noqa: F811
     config.write_text("")
     run = root / "run"
     assert main(["vlm", str(config), *vlm_args(scene_data, run, "--train.steps=2")]) == 0
-    model, tokenizer, name, embedder = _vision_model(str(run), "cpu")
+    model, tokenizer, name, embedder = vision_model_for_serving(str(run), "cpu")
     with running(create_app(model, tokenizer, model_name=name, embedder=embedder)) as client:
         yield client, run, scene_data
 
@@ -116,7 +99,7 @@ def test_bad_images_are_400(served, url, message_part):
 
 def test_a_text_model_refuses_images(served):
     _, run, _ = served
-    model, tokenizer, name, _ = _vision_model(str(run), "cpu")
+    model, tokenizer, name, _ = vision_model_for_serving(str(run), "cpu")
     with running(create_app(model, tokenizer, model_name=name)) as text_only:
         with pytest.raises(openai.BadRequestError, match="this model takes no images"):
             text_only.chat.completions.create(model=name, messages=message(png_of((8, 8))), max_tokens=2)

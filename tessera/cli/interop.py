@@ -37,10 +37,10 @@ def cmd_serve(args) -> None:
     limits = ServeLimits(max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_tokens)
     serve(args.ckpt, args.host, args.port, os.environ.get(args.api_key_env) or None, limits, args.device,
-          loaded=_vision_model(args.ckpt, args.device))
+          loaded=vision_model_for_serving(args.ckpt, args.device))
 
 
-def _vision_model(ckpt: str, device: str):
+def vision_model_for_serving(ckpt: str, device: str):
     """A `tessera vlm` checkpoint's decoder, tokenizer, name and image prompt embedder (None for a text
     model): interop serves the decoder and knows no vision model, so the images are embedded here."""
     import torch

@@ -17,12 +17,15 @@ over the limits and images that do not decode are a 400.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import socket
+import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -292,3 +295,29 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
     app = create_app(model, tokenizer, limits, api_key, name, embedder)
     print(f"serving {name} on http://{host}:{port} (API key {'required' if api_key else 'off'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, timeout_s: float = 60.0) -> Iterator[str]:
+    """`app` served on a free loopback port by a uvicorn thread while the block runs; yields its base URL
+    (`http://127.0.0.1:PORT/v1`, what an OpenAI client takes). For a recipe or a test that talks to a
+    model over HTTP in the same process."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        server.should_exit = True
+        raise RuntimeError(f"the server did not start on 127.0.0.1:{port} within {timeout_s:.0f} s")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
