@@ -226,17 +226,32 @@ def test_assistant_smoke_and_served(tmp_path, one_thread):
 
 def test_scenes_vlm_smoke(tmp_path, one_thread):
     """Every stage of the scenes VLM recipe runs at tiny size and reports held-out metrics in range;
-    the run directory is a VLM checkpoint the multimodal commands load."""
-    from tessera.multimodal.vlm_inference import is_vlm_checkpoint
+    the run directory is a VLM checkpoint the multimodal commands load, and the chat through the
+    server answers as the model does on the prompt it was instructed with (the served transcript)."""
+    pytest.importorskip("fastapi")
+    from tessera.multimodal.vlm_inference import answers, image_pixels, is_vlm_checkpoint, load_vlm
     from tessera.recipes.runner import run_recipe
+    from tessera.recipes.scenes_vlm import chat
 
     summary = run_recipe("scenes_vlm", tmp_path, smoke=True)
-    _check(tmp_path, summary, {"prepare", "LM", "CLIP", "VLM as initialised", "align", "instruct", "evaluate"})
+    _check(tmp_path, summary, {"prepare", "LM", "CLIP", "VLM as initialised", "align", "instruct", "evaluate",
+                               "chat through tessera serve"})
     after = summary["metrics_after"]
     assert set(summary["metrics_before"]) <= set(after)
-    assert all(0 <= v <= 1 for k, v in after.items() if "exact match" in k or "VQA" in k or "CLIP" in k)
+    assert all(0 <= v <= 1 for k, v in after.items() if "exact match" in k or "VQA" in k or "CLIP" in k or "chat" in k)
     assert after["CLIP i2t_r1"] <= after["CLIP i2t_r5"] <= after["CLIP i2t_r10"]
+    assert 0 <= after["caption METEOR"] <= 1
     assert is_vlm_checkpoint(summary["checkpoint"])
+    held_out = tmp_path / "data" / "held_out"
+    served = chat(summary["checkpoint"], held_out, 2)
+    model, cfg = load_vlm(summary["checkpoint"], "cpu")
+    rows = [json.loads(line) for line in (held_out / "vqa.jsonl").read_text().splitlines()][:2]
+    pixels = [image_pixels((held_out / "images" / r["image"]).read_bytes(), r["image"], cfg)[None] for r in rows]
+    from tessera.core.tokenizer import load_tokenizer
+
+    direct = answers(model, load_tokenizer(summary["checkpoint"]), [cfg.vlm.prompt.format(text=r["question"]) for r in rows],
+                     pixels, 8)
+    assert [p for _, p, _ in served] == direct and [q for q, _, _ in served] == [r["question"] for r in rows]
 
 
 def test_digits_smoke(tmp_path, one_thread):

@@ -3,9 +3,12 @@ the stages that exist: an LM pretrained on the captions and question/answer text
 vision tower from CLIP on the captions (`clip.toml`), then `tessera vlm` stage "align" (the
 projector alone, on captions) and stage "instruct" (every part, on the questions and "describe the
 image." -> caption, the loss on answers), all from `train.toml`. Reported on held-out scenes (another
-seed): caption exact match, CIDEr-D, BLEU and ROUGE-L after each VLM stage (and of the VLM before
-any stage trains it), VQA accuracy per kind of question, and the CLIP tower's image<->text Recall@K.
-The run directory holds the instruct model, ready for `tessera serve` and `tessera generate --image`."""
+seed): caption exact match, CIDEr-D, METEOR, BLEU and ROUGE-L after each VLM stage (and of the VLM
+before any stage trains it), VQA accuracy per kind of question, the CLIP tower's image<->text Recall@K,
+and a chat with the instruct model through `tessera serve`'s OpenAI API (held-out questions with the
+image inline). Stage instruct trains on the transcript the server renders a chat turn as, so the served
+model sees the format it learnt. The run directory holds the instruct model, ready for `tessera serve`
+and `tessera generate --image`."""
 from __future__ import annotations
 
 import json
@@ -20,7 +23,9 @@ STEPS = {"lm": (150, 2), "clip": (800, 2), "align": (300, 2), "instruct": (1200,
 SMOKE = ["--model.n_layers=2", "--model.d_model=32", "--vision.n_layers=1", "--vision.d_model=32",
          "--train.batch_size=4", "--eval.every=0", "--checkpoint.every=0", "--log.every=1",
          "--optim.warmup_steps=1"]
-CAPTION_PROMPT = "<image>\ndescribe the image."
+CHAT_PROMPT = "user: <image>{text}\nassistant:"  # how `tessera serve` renders a user turn of an image and a text
+CAPTION_PROMPT = CHAT_PROMPT.format(text="describe the image.")
+CHAT_QUESTIONS = (40, 4)  # held-out questions asked through the server (full, smoke)
 
 
 def prepare(ctx: RecipeContext) -> None:
@@ -50,7 +55,7 @@ def prepare(ctx: RecipeContext) -> None:
 
 def caption_metrics(scores: dict) -> dict[str, float]:
     return {"caption exact match": scores["exact_match"], "caption CIDEr-D": scores["cider_d"],
-            "caption BLEU": scores["bleu"], "caption ROUGE-L": scores["rougeL"]}
+            "caption METEOR": scores["meteor"], "caption BLEU": scores["bleu"], "caption ROUGE-L": scores["rougeL"]}
 
 
 def held_out_scores(ckpt, held_out, vqa: bool = False) -> tuple[dict, dict | None]:
@@ -66,10 +71,38 @@ def held_out_scores(ckpt, held_out, vqa: bool = False) -> tuple[dict, dict | Non
     return captions, vqa_scores(model, cfg, tokenizer, held_out, batch_size=50) if vqa else None
 
 
+def chat(ckpt, held_out, questions: int) -> list[tuple[str, str, str]]:
+    """The first `questions` held-out questions asked through `tessera serve`'s chat API (the app on a
+    loopback port, an OpenAI chat message with the scene inline as a PNG data URL, temperature 0):
+    (question, the served answer, the right answer)."""
+    import base64
+
+    import httpx
+
+    from tessera.cli.interop import vision_model_for_serving
+    from tessera.interop.serve import create_app, serving
+
+    rows = [json.loads(line) for line in (held_out / "vqa.jsonl").read_text().splitlines()][:questions]
+    model, tokenizer, name, embedder = vision_model_for_serving(str(ckpt), "cpu")
+    exchanges = []
+    with serving(create_app(model, tokenizer, model_name=name, embedder=embedder)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        for row in rows:
+            image = base64.b64encode((held_out / "images" / row["image"]).read_bytes()).decode()
+            content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                       {"type": "text", "text": row["question"]}]
+            reply = client.post("/chat/completions", json={"model": name, "temperature": 0, "max_tokens": 8,
+                                                           "messages": [{"role": "user", "content": content}]})
+            reply.raise_for_status()
+            exchanges.append((row["question"], reply.json()["choices"][0]["message"]["content"], row["answer"]))
+    return exchanges
+
+
 def run(ctx: RecipeContext) -> dict:
     """prepare -> LM -> CLIP -> align -> instruct -> held-out captions (after each VLM stage and of
     the untrained projector), VQA and retrieval -> summary."""
     from tessera.multimodal.clip_eval import retrieval_scores
+    from tessera.multimodal.vlm_eval import normalise
     from tessera.recipes.runner import write_summary
     from tessera.recipes.stages import train_stage
 
@@ -88,6 +121,7 @@ def run(ctx: RecipeContext) -> dict:
     align = train_stage(ctx, "align", out / "align", [*align_args, steps["align"]], "vlm")
     instruct = train_stage(ctx, "instruct", out, ['--vlm.stage="instruct"', f'--data.path="{root / "instruct"}"',
                                                   tokenizer, f'--vlm.init_from="{align}"', '--vlm.freeze=["none"]',
+                                                  f"--vlm.prompt={json.dumps(CHAT_PROMPT)}",
                                                   f"--vlm.caption_prompt={json.dumps(CAPTION_PROMPT)}", steps["instruct"],
                                                   "--optim.lr=1e-3"], "vlm")
     held_out = root / "held_out"
@@ -98,6 +132,10 @@ def run(ctx: RecipeContext) -> dict:
         after = {**caption_metrics(captions), **{f"{k} (after align)": v for k, v in after_align.items()},
                  "VQA accuracy": vqa["accuracy"], **{f"VQA {k}": v for k, v in vqa["by_question"].items()},
                  **{f"CLIP {k}": v for k, v in retrieval_scores(clip, held_out).items() if k != "pairs"}}
+    with ctx.timer("chat through tessera serve"):
+        exchanges = chat(instruct, held_out, ctx.pick(*CHAT_QUESTIONS))
+    after["chat accuracy (served)"] = sum(normalise(p) == normalise(a) for _, p, a in exchanges) / len(exchanges)
     samples = {f"{CAPTION_PROMPT} [{name}]": text for name, text in captions["examples"]}
     samples.update({f"<image>\n{q} [held out]": f"{p!r} (right: {a!r})" for q, p, a in vqa["examples"]})
+    samples.update({f"chat: {q} [held out, served]": f"{p!r} (right: {a!r})" for q, p, a in exchanges[:3]})
     return write_summary(ctx, before, after, samples, instruct)
