@@ -53,7 +53,7 @@ def scene(rng: random.Random, size: int) -> list[Shape]:
     do not overlap."""
     kinds = sorted(rng.sample(SHAPES, rng.choice((1, 2))), key=SHAPES.index)
     colours = [rng.choice(list(COLOURS)) for _ in kinds]
-    radii = [rng.randint(max(2, size // 8), max(2, size // 5)) for _ in kinds]  # 4-6 pixels at 32: patch-sized
+    radii = [rng.randint(max(2, size // 5), max(2, size // 4 - 1)) for _ in kinds]  # 6-7 px at 32: as big as two halves hold
     if len(kinds) == 1:
         r = radii[0]
         return [Shape(kinds[0], colours[0], rng.randint(r, size - 1 - r), rng.randint(r, size - 1 - r), r)]
