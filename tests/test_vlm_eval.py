@@ -46,6 +46,7 @@ def test_meteor_matches_hand_computed_values():
     assert meteor(["Circles above squares."], [["a circle above a square"]]) == pytest.approx(by_hand(1, 3 / 5, 2, 3), rel=1e-12)
     assert meteor(["red circle", "blue"], [["green", "red circle"], ["red"]]) == pytest.approx(
         (by_hand(1, 1, 1, 2) + 0) / 2, rel=1e-12)
+    assert meteor([""], [["a red circle"]]) == 0.0  # an empty caption (eos at once) scores 0, not an error
 
 
 def reference_greedy(model, tok, prompt: str, pixels: torch.Tensor, steps: int) -> list[int]:
