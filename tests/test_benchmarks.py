@@ -74,19 +74,17 @@ def test_vlm_train_benchmark_small(tmp_path):
 def test_cpu_floor_counts_the_models_own_flops(tmp_path):
     """The floor's products are every matmul of a step: their FLOPs equal the model's own count
     (6 x the matrices' parameters, LM head included, + attention's score and value products)."""
-    from benchmarks.cpu_floor import step_products
-    from tessera.core.config import load_config
+    from benchmarks.cpu_floor import recipe_config, step_products
     from tessera.core.model import Transformer
 
-    gpt2 = ["--model.norm=layernorm", "--model.pos=learned", "--model.mlp=gelu", "--model.d_ff=0"]
-    for blocks, overrides in (("llama", []), ("gpt2", gpt2)):
-        cfg = load_config(ROOT / "configs" / "recipes" / "shakespeare" / "train.toml", ["--model.vocab_size=65", *overrides])
+    for blocks in ("llama", "gpt2"):
+        cfg = recipe_config(blocks, vocab_size=65)
         with torch.device("meta"):
             model = Transformer(cfg.model)
         tokens = cfg.train.batch_size * cfg.train.seq_len
         vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # norms: counted by 6N, no matmul
         expected = tokens * (model.flops_per_token(cfg.train.seq_len) - 6 * vectors)
-        assert sum(2 * b * m * k * n for b, m, k, n in step_products(blocks)) == expected
+        assert sum(2 * b * m * k * n for b, m, k, n in step_products(cfg)) == expected
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_floor.py"), "--repeats", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

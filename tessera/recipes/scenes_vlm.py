@@ -136,6 +136,6 @@ def run(ctx: RecipeContext) -> dict:
         exchanges = chat(instruct, held_out, ctx.pick(*CHAT_QUESTIONS))
     after["chat accuracy (served)"] = sum(normalise(p) == normalise(a) for _, p, a in exchanges) / len(exchanges)
     samples = {f"{CAPTION_PROMPT} [{name}]": text for name, text in captions["examples"]}
-    samples.update({f"<image>\n{q} [held out]": f"{p!r} (right: {a!r})" for q, p, a in vqa["examples"]})
+    samples.update({f"{CHAT_PROMPT.format(text=q)} [held out]": f"{p!r} (right: {a!r})" for q, p, a in vqa["examples"]})
     samples.update({f"chat: {q} [held out, served]": f"{p!r} (right: {a!r})" for q, p, a in exchanges[:3]})
     return write_summary(ctx, before, after, samples, instruct)
