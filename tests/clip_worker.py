@@ -33,12 +33,25 @@ LAYOUTS = {"fsdp": dict(dp_shard=2), "zero2": dict(engine="deepspeed", zero_stag
 
 
 def global_batch() -> dict[str, torch.Tensor]:
+    """Six pairs (two share a caption) with two hard negatives each, some of them another row's
+    caption (a right answer there); a caption id stands for one token row, as a caption's hash does."""
     g = torch.Generator().manual_seed(0)
+    texts, text_lengths = torch.randint(0, VOCAB, (12, SEQ), generator=g), torch.randint(1, SEQ + 1, (12,), generator=g)
+    captions, negatives = torch.tensor([0, 1, 2, 2, 3, 4]), torch.tensor([5, 2, 6, 0, 7, 8, 1, 9, 10, 3, 11, 4])
     return {"pixel_values": torch.randn(BATCH, 3, 8, 8, generator=g),
-            "input_ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
-            "lengths": torch.randint(1, SEQ + 1, (BATCH,), generator=g),
-            "caption_ids": torch.tensor([0, 1, 2, 2, 3, 4]), "labels": torch.tensor([0, 2, 1, 1, 0, 2]),
-            "class_ids": torch.randint(0, VOCAB, (3, SEQ), generator=g), "class_lengths": torch.tensor([2, 5, 8])}
+            "input_ids": texts[captions], "lengths": text_lengths[captions], "caption_ids": captions,
+            "labels": torch.tensor([0, 2, 1, 1, 0, 2]),
+            "class_ids": torch.randint(0, VOCAB, (3, SEQ), generator=g), "class_lengths": torch.tensor([2, 5, 8]),
+            "negative_input_ids": texts[negatives], "negative_lengths": text_lengths[negatives],
+            "negative_caption_ids": negatives}
+
+
+def rank_rows(batch: dict, rank: int, ranks: int) -> dict:
+    """A rank's share: its rows and their negatives; every rank has all the class prompts."""
+    def share(v: torch.Tensor) -> torch.Tensor:
+        n = v.shape[0] // ranks
+        return v[rank * n:(rank + 1) * n]
+    return {k: v if k.startswith("class_") else share(v) for k, v in batch.items()}
 
 
 def run(engine, batch: dict) -> dict:
@@ -59,7 +72,6 @@ def main() -> None:
     batch = global_batch()
     out = {}
     per_rank = BATCH // env.world_size
-    rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)  # every rank has all the class prompts
     for layout in layouts:
         model = copy.deepcopy(reference)
         parallel = ParallelConfig(**LAYOUTS[layout])
@@ -70,7 +82,7 @@ def main() -> None:
             parallelize(model, parallel, dims, dims.build_mesh("cpu"))
             engine = DistributedEngine(model, build_optimizer(model, OPTIM, env.device), env.device)
         engine.objective = clip_objective
-        out[layout] = run(engine, {k: v if k.startswith("class_") else v[rows] for k, v in batch.items()})
+        out[layout] = run(engine, rank_rows(batch, env.rank, env.world_size))
         if parallel.engine == "deepspeed":
             engine.close()
     destroy()

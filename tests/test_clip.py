@@ -21,7 +21,8 @@ from tessera.core.config import ClipConfig, ModelConfig, VisionConfig, load_conf
 from tessera.core.metrics import read_metrics
 from tessera.core.tokenizer import train_char
 from tessera.multimodal.clip import CLIP, contrastive_loss
-from tessera.multimodal.clip_task import CLIPTask, clip_config
+from tessera.core.data import DataError
+from tessera.multimodal.clip_task import CLIPTask, caption_id, clip_config
 from tessera.multimodal.retrieval import recall_at_k, zero_shot_accuracy
 
 TESTS = Path(__file__).resolve().parent
@@ -69,10 +70,95 @@ def test_contrastive_loss_and_gradients_match_the_closed_form():
     np.testing.assert_allclose(text.grad.numpy(), s * (g_rows.T @ i + g_cols @ i) / 2, rtol=1e-10, atol=1e-12)
 
 
+def test_identical_captions_are_right_answers_for_each_other():
+    """With caption ids, a row's loss is -log of the softmax mass on every column of its caption and
+    the gradient of its logits softmax minus the softmax restricted to those columns."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([3, 0, 3, 5, 0, 3, 7, 1, 9])
+    n, d, s = len(ids), 6, 5.3
+    image = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    loss = contrastive_loss(image, text, torch.tensor(s, dtype=torch.float64), ids)
+    loss.backward()
+    i, t, same = image.detach().numpy(), text.detach().numpy(), (ids[:, None] == ids[None, :]).numpy()
+    logits = s * i @ t.T
+
+    def row_terms(x):
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        q = np.where(same, e, 0) / np.where(same, e, 0).sum(axis=1, keepdims=True)
+        return -np.log((p * same).sum(axis=1)).mean(), (p - q) / n
+
+    (l_rows, g_rows), (l_cols, g_cols) = row_terms(logits), row_terms(logits.T)
+    assert loss.item() == pytest.approx((l_rows + l_cols) / 2, rel=1e-12)
+    np.testing.assert_allclose(image.grad.numpy(), s * (g_rows @ t + g_cols.T @ t) / 2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(text.grad.numpy(), s * (g_rows.T @ i + g_cols @ i) / 2, rtol=1e-10, atol=1e-12)
+    unique = contrastive_loss(image.detach(), text.detach(), torch.tensor(s, dtype=torch.float64), torch.arange(n))
+    assert unique.item() > loss.item() + 0.05  # as separate captions, the duplicates are negatives
+
+
+def test_hard_negatives_are_extra_columns_of_the_image_side():
+    """Negative captions join the image->text softmax as columns (right answers where their caption is
+    the row's own); the text->image side keeps the batch's images only."""
+    g = torch.Generator().manual_seed(2)
+    ids, negative_ids = torch.tensor([4, 1, 4, 6, 2]), torch.tensor([8, 1, 9, 6, 7, 4, 5, 3])
+    n, m, d, s = len(ids), len(negative_ids), 7, 4.1
+    image, text, negatives = (F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+                              for k in (n, n, m))
+    loss = contrastive_loss(image, text, torch.tensor(s, dtype=torch.float64), ids, negatives, negative_ids)
+    loss.backward()
+    i, t, neg = (x.detach().numpy() for x in (image, text, negatives))
+    columns, column_ids = np.concatenate([t, neg]), np.concatenate([ids.numpy(), negative_ids.numpy()])
+
+    def term(logits, right):
+        return -np.log((np.exp(logits) * right).sum(axis=1) / np.exp(logits).sum(axis=1)).mean()
+
+    expected = (term(s * i @ columns.T, ids.numpy()[:, None] == column_ids[None, :])
+                + term(s * t @ i.T, (ids[:, None] == ids[None, :]).numpy())) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    eps = 1e-6  # the negatives' gradient, by central differences of the closed form
+    bump = np.zeros_like(neg)
+    bump[5, 2] = eps
+    up, down = (np.concatenate([t, neg + sign * bump]) for sign in (1, -1))
+    numeric = (term(s * i @ up.T, ids.numpy()[:, None] == column_ids[None, :])
+               - term(s * i @ down.T, ids.numpy()[:, None] == column_ids[None, :])) / 2 / (2 * eps)
+    assert negatives.grad[5, 2].item() == pytest.approx(numeric, rel=1e-6)
+
+
 def tiny_clip(**vision) -> CLIP:
     torch.manual_seed(0)
     return CLIP(VisionConfig(image_size=8, patch_size=4, n_layers=1, n_heads=2, d_model=16, **vision),
                 ModelConfig(vocab_size=20, n_layers=1, n_heads=2, d_model=16, max_seq_len=10), ClipConfig(embed_dim=8))
+
+
+def test_each_distinct_caption_is_encoded_once_with_the_same_loss_and_gradients():
+    """The objective runs the text tower on each distinct caption of the batch (negatives included)
+    once; loss and gradients are those of encoding every row (float64)."""
+    from tessera.multimodal.clip import clip_objective
+
+    model = tiny_clip().double()
+    g = torch.Generator().manual_seed(3)
+    texts, lengths = torch.randint(0, 20, (6, 10), generator=g), torch.randint(1, 11, (6,), generator=g)
+    captions, negatives = torch.tensor([3, 0, 3, 1, 0]), torch.tensor([2, 1, 5, 4, 1, 2, 0, 5, 4, 3])
+    batch = {"pixel_values": torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64),
+             "input_ids": texts[captions], "lengths": lengths[captions], "caption_ids": captions,
+             "negative_input_ids": texts[negatives], "negative_lengths": lengths[negatives],
+             "negative_caption_ids": negatives}
+    seen = []
+    handle = model.text_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    loss, _ = clip_objective(model, batch)
+    loss.backward()
+    handle.remove()
+    assert seen == [6]
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    image, text, scale = model(batch["pixel_values"], torch.cat([texts[captions], texts[negatives]]),
+                               torch.cat([lengths[captions], lengths[negatives]]))
+    expected = contrastive_loss(image, text[:5], scale, captions, text[5:], negatives)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_text_feature_is_the_last_token_of_the_caption():
@@ -277,3 +363,55 @@ def test_clip_streams_image_shards_and_resumes_exactly(clip_data, tmp_path, one_
     resumed.fit()
     assert logged(tmp_path / "part", "loss") == logged(tmp_path / "full", "loss")
     assert logged(tmp_path / "part", "val_i2t_r1") == logged(tmp_path / "full", "val_i2t_r1")
+
+
+def with_negatives(folder: Path, count: int) -> Path:
+    """`folder`'s captions, each row listing `count` hard negatives: the captions of the other colours."""
+    rows = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["negatives"] = [f"a {c} square" for c in COLOURS if c != row["label"]][:count]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_hard_negatives_come_with_their_captions(clip_data, tmp_path, source):
+    """clip.negatives > 0: each caption's first hard negatives, read from the folder's rows or carried
+    by the shards, reach the batch in row order, and the run trains on them."""
+    from tessera.multimodal.image_shards import prepare_images, read_image_manifest
+
+    train = with_negatives(write_folder(tmp_path / "data", 12, 3), 3)
+    data = train
+    if source == "shards":
+        data = tmp_path / "shards"
+        prepare_images(train / "images", train / "captions.jsonl", data, val_fraction=0.0, shard_samples=4)
+        assert read_image_manifest(data).negatives == 3
+    trainer = make((data, clip_data[1], clip_data[2]), tmp_path / "run", "--clip.negatives=2", "--train.batch_size=4",
+                   "--train.steps=2", "--eval.every=0")
+    batch = next(iter(trainer.parts.train_loader))
+    colour = {caption_id(f"a {c} square"): c for c in COLOURS}
+    captions = [colour[int(i)] for i in batch["caption_ids"]]
+    expected = [f"a {c} square" for row in captions for c in [c for c in COLOURS if c != row][:2]]
+    assert batch["negative_caption_ids"].tolist() == [caption_id(t) for t in expected]
+    assert batch["negative_input_ids"].shape == (8, 24)
+    assert batch["negative_lengths"].tolist() == [len(t) + 1 for t in expected]  # a character a token, and eos
+    assert trainer.fit()["loss"] > 0
+
+
+def test_too_few_hard_negatives_is_one_clear_line(clip_data, tmp_path, capsys):
+    from tessera.multimodal.image_shards import prepare_images
+
+    train = with_negatives(write_folder(tmp_path / "data", 8, 2), 1)
+    shards = tmp_path / "shards"
+    prepare_images(train / "images", train / "captions.jsonl", shards, val_fraction=0.0, shard_samples=4)
+    config = tmp_path / "clip.toml"
+    config.write_text("")
+    for data, message in ((train, "captions.jsonl:1: clip.negatives=2 needs a list of at least 2 hard-negative"),
+                          (shards, "clip.negatives=2: the captions of data.path")):
+        args = clip_args((data, clip_data[1], clip_data[2]), tmp_path / "run", "--clip.negatives=2")
+        assert main(["clip", str(config), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    (train / "captions.jsonl").write_text('{"image": "0000.png", "caption": "a", "negatives": "b"}\n')
+    with pytest.raises(DataError, match=r"captions.jsonl:1: \"negatives\" must be a list"):
+        prepare_images(train / "images", train / "captions.jsonl", tmp_path / "bad")

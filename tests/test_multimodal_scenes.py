@@ -61,6 +61,15 @@ def test_captions_and_answers_follow_from_the_scene(scenes):
         words = [f"a {s['colour']} {s['kind']}" for s in shapes]
         expected = words[0] if len(shapes) == 1 else f"{words[0]} {where(*shapes)} {words[1]}"
         assert row["caption"] == expected
+        if len(shapes) == 1:  # hard negatives: one detail wrong
+            assert sorted(row["negatives"]) == sorted(f"a {c} {shapes[0]['kind']}" for c in COLOURS
+                                                      if c != shapes[0]["colour"])
+        else:
+            a, b = shapes
+            assert row["negatives"][0] == f"{words[0]} {where(b, a)} {words[1]}"  # the relation flipped
+            m = re.fullmatch(rf"a (\w+) {a['kind']} {where(a, b)} a (\w+) {b['kind']}", row["negatives"][1])
+            swapped = (b["colour"], a["colour"]) if a["colour"] != b["colour"] else (a["colour"], m[2])
+            assert m and (m[1], m[2]) == swapped != (a["colour"], b["colour"])  # colours swapped or changed
         if len(shapes) == 2:
             in_captions.add(where(*shapes))
         # named in a fixed order of kinds, so the image alone determines its caption
@@ -86,6 +95,11 @@ def test_captions_and_answers_follow_from_the_scene(scenes):
         else:
             raise AssertionError(f"a question outside the grammar: {q!r}")
     assert relations == in_captions == {"above", "below", "left of", "right of"}
+    asked = {}  # a two-shape scene's relation is asked both ways round
+    for row in rows(scenes / "vqa.jsonl"):
+        if row["question"].startswith("where"):
+            asked.setdefault(row["image"], []).append(row["question"])
+    assert {image: len(q) for image, q in asked.items()} == {i: 2 for i, s in specs.items() if len(s) == 2}
     assert {"yes", "no", "zero", "one", "two"} <= answers
 
 

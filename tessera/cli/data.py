@@ -89,7 +89,8 @@ def add_parsers(sub) -> None:
     pi = data.add_parser("prepare-images", help="images + captions or question/answer JSONL/CSV into WebDataset shards")
     pi.add_argument("--images", required=True, help="directory the table's image paths are relative to")
     pi.add_argument("--captions", required=True,
-                    help='.jsonl or .csv rows {"image", "caption"} or {"image", "question", "answer"}')
+                    help='.jsonl or .csv rows {"image", "caption"} or {"image", "question", "answer"}; '
+                         'a JSONL caption row may list "negatives" (hard-negative captions, for clip.negatives)')
     pi.add_argument("--out", required=True)
     pi.add_argument("--val-fraction", type=float, default=0.1, help="share of the images held out (by path hash)")
     pi.add_argument("--shard-samples", type=int, default=0,

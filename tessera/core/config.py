@@ -363,8 +363,11 @@ class ClipConfig:
     max_logit_scale: float = 100.0
     val_path: str = ""  # held-out folder of the same kind (retrieval and zero-shot accuracy at evaluation)
     prompt: str = "a photo of a {label}"  # zero-shot class prompt, for records with a "label"
+    negatives: int = 0  # hard-negative captions per image, from its row's "negatives" (NegCLIP); 0: none
 
     def __post_init__(self):
+        if self.negatives < 0:
+            raise ConfigError(f"clip.negatives={self.negatives} must be >= 0 (hard-negative captions per image)")
         if self.embed_dim < 1 or not 0 < self.temperature or not self.max_logit_scale >= 1 / self.temperature:
             raise ConfigError(f"clip.embed_dim={self.embed_dim} must be >= 1, clip.temperature={self.temperature} > 0 "
                               f"and clip.max_logit_scale={self.max_logit_scale} >= 1/temperature")

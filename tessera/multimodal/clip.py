@@ -85,21 +85,62 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return GatherRows.apply(x), dist.get_rank() * x.shape[0]
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of this rank's pairs against the global batch (every rank the same number)."""
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                     caption_ids: torch.Tensor | None = None, negatives: torch.Tensor | None = None,
+                     negative_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's pairs against the global batch (every rank the same number):
+    each row's loss is -log of the softmax mass on its right answers. With `caption_ids` (B,), pairs
+    with the same caption are right answers for each other: the text tower gives identical captions
+    one embedding, so holding them apart as negatives would ask the impossible (and on a small
+    vocabulary of captions, most batches hold duplicates). Without, each pair is its own caption.
+    `negatives` (M, d), with their `negative_ids` (M,), are hard-negative captions (NegCLIP): extra
+    columns of the image->text side, where a random batch would rarely hold the caption that differs
+    from the right one in a single word."""
     all_image, offset = gather_rows(image)
     all_text, _ = gather_rows(text)
-    targets = torch.arange(image.shape[0], device=image.device) + offset
-    image_to_text = F.cross_entropy(scale * image @ all_text.T, targets)
-    text_to_image = F.cross_entropy(scale * text @ all_image.T, targets)
-    return (image_to_text + text_to_image) / 2
+    if caption_ids is None:
+        caption_ids = torch.arange(image.shape[0], device=image.device) + offset
+        all_ids = torch.arange(all_image.shape[0], device=image.device)
+    else:
+        all_ids = gather_rows(caption_ids)[0]
+    columns, column_ids = all_text, all_ids
+    if negatives is not None:
+        columns = torch.cat([all_text, gather_rows(negatives)[0]])
+        column_ids = torch.cat([all_ids, gather_rows(negative_ids)[0]])
+
+    def nce(rows: torch.Tensor, cols: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # in float32 under autocast too: bf16 would round logits of scale ~50 by ~0.2, the size of
+        # the margins that tell a caption from its hard negatives
+        wide = torch.promote_types(rows.dtype, torch.float32)
+        with torch.autocast(rows.device.type, enabled=False):
+            logits = scale.to(wide) * rows.to(wide) @ cols.to(wide).T
+        wrong = caption_ids[:, None] != ids[None, :]
+        return (logits.logsumexp(dim=1) - logits.masked_fill(wrong, float("-inf")).logsumexp(dim=1)).mean()
+
+    return (nce(image, columns, column_ids) + nce(text, all_image, all_ids)) / 2
 
 
 def clip_objective(model: nn.Module, batch: dict[str, torch.Tensor]):
-    """The contrastive loss; in evaluation also Recall@1/5/10 both ways over the gathered batch and,
-    when the batch carries class prompts, zero-shot classification accuracy."""
-    image, text, scale = model(batch["pixel_values"], batch["input_ids"], batch["lengths"])
-    loss = contrastive_loss(image, text, scale)
+    """The contrastive loss, in training with the batch's hard-negative captions when it carries them
+    (evaluation scores the plain loss, comparable whatever the training used); in evaluation also
+    Recall@1/5/10 both ways over the gathered batch and, when the batch carries class prompts,
+    zero-shot classification accuracy."""
+    ids, lengths, caption_ids = batch["input_ids"], batch["lengths"], batch["caption_ids"]
+    rows = ids.shape[0]
+    hard = model.training and "negative_input_ids" in batch
+    if hard:  # one pass of the text tower over captions and negatives
+        ids, lengths = torch.cat([ids, batch["negative_input_ids"]]), torch.cat([lengths, batch["negative_lengths"]])
+        caption_ids = torch.cat([caption_ids, batch["negative_caption_ids"]])
+    # each distinct caption once (a small vocabulary of captions repeats many times in a batch);
+    # indexing back sums the repeats' gradients, as encoding every row would
+    distinct, where = torch.unique(caption_ids, return_inverse=True)
+    first = torch.full_like(distinct, rows + len(caption_ids)).scatter_reduce(
+        0, where, torch.arange(len(caption_ids), device=where.device), "amin")
+    image, texts, scale = model(batch["pixel_values"], ids[first], lengths[first])
+    texts = texts[where]
+    text, negatives = texts[:rows], (texts[rows:] if hard else None)
+    loss = contrastive_loss(image, text, scale, batch["caption_ids"], negatives,
+                            batch["negative_caption_ids"] if hard else None)
     metrics = {"logit_scale": scale.detach()}
     if not model.training:
         all_image, all_text = gather_rows(image)[0], gather_rows(text)[0]

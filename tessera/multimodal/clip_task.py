@@ -58,16 +58,24 @@ def caption_id(text: str) -> int:
 
 
 class ClipBatch:
-    """A loader batch ("pixel_values", "texts") as the tensors `clip_objective` reads."""
+    """A loader batch ("pixel_values", "texts" and, where the data has them, each text's hard-negative
+    captions "negatives") as the tensors `clip_objective` reads: with `negatives` > 0, the first that
+    many of each row's, in row order, as "negative_input_ids", "negative_lengths" and
+    "negative_caption_ids"."""
 
-    def __init__(self, tokenizer: Tokenizer, seq_len: int):
-        self.tokens = CaptionTokens(tokenizer, seq_len)
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, negatives: int = 0):
+        self.tokens, self.negatives = CaptionTokens(tokenizer, seq_len), negatives
+
+    def _texts(self, texts: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
+        tokens = self.tokens({"texts": texts})
+        return {f"{prefix}input_ids": tokens["input_ids"], f"{prefix}lengths": tokens["attention_mask"].sum(dim=1),
+                f"{prefix}caption_ids": torch.tensor([caption_id(t) for t in texts])}
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        tokens = self.tokens({"texts": batch["texts"]})
-        return {"pixel_values": batch["pixel_values"], "input_ids": tokens["input_ids"],
-                "lengths": tokens["attention_mask"].sum(dim=1),
-                "caption_ids": torch.tensor([caption_id(t) for t in batch["texts"]])}
+        out = {"pixel_values": batch["pixel_values"], **self._texts(batch["texts"])}
+        if self.negatives and "negatives" in batch:
+            out.update(self._texts([n for row in batch["negatives"] for n in row[:self.negatives]], "negative_"))
+        return out
 
 
 def read_image(path: Path, transform: ImageTransform) -> torch.Tensor:
@@ -78,8 +86,9 @@ def read_image(path: Path, transform: ImageTransform) -> torch.Tensor:
     return transform(decode_rgb(data, str(path)))
 
 
-def read_pairs(folder: str, key: str, transform: ImageTransform) -> tuple[list[dict], list[str]]:
-    """(one sample per captions.jsonl row of `folder`, the sorted class labels its rows carry)."""
+def read_pairs(folder: str, key: str, transform: ImageTransform, negatives: int = 0) -> tuple[list[dict], list[str]]:
+    """(one sample per captions.jsonl row of `folder`, the sorted class labels its rows carry). With
+    `negatives` > 0 every row must list at least that many hard-negative captions ("negatives")."""
     path = Path(folder) / "captions.jsonl"
     if not path.is_file():
         raise ConfigError(f"{key}={folder!r} must be a folder with captions.jsonl (and its images), or "
@@ -93,6 +102,11 @@ def read_pairs(folder: str, key: str, transform: ImageTransform) -> tuple[list[d
                 raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
                 raise DataError(f"{path}:{n}: a row must be {{\"image\": NAME, \"caption\": TEXT}}")
+            hard = row.get("negatives", [])
+            if negatives and (not isinstance(hard, list) or len(hard) < negatives
+                              or not all(isinstance(t, str) for t in hard)):
+                raise DataError(f"{path}:{n}: clip.negatives={negatives} needs a list of at least {negatives} "
+                                f"hard-negative captions in \"negatives\" (texts that do not describe the image)")
             rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no rows")
@@ -102,6 +116,8 @@ def read_pairs(folder: str, key: str, transform: ImageTransform) -> tuple[list[d
         image = Path(folder) / "images" / row["image"]
         sample = {"pixel_values": read_image(image if image.exists() else Path(folder) / row["image"], transform),
                   "text": row["caption"]}
+        if negatives:
+            sample["negatives"] = row["negatives"][:negatives]
         if labels:
             sample["label"] = labels.index(str(row["label"]))
         samples.append(sample)
@@ -142,17 +158,22 @@ class CLIPTask(BaseTask):
 
     def loaders(self, cfg: Config, dp_rank: int, dp_size: int):
         t, transform = cfg.train, image_transform(cfg.vision)
-        to_tensors = ClipBatch(self.tokenizer, t.seq_len)
+        to_tensors = ClipBatch(self.tokenizer, t.seq_len, cfg.clip.negatives)
 
         def collate(samples: list[dict]) -> dict:
             return to_tensors({"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-                               "texts": [s["text"] for s in samples]})
+                               "texts": [s["text"] for s in samples],
+                               **({"negatives": [s["negatives"] for s in samples]} if "negatives" in samples[0] else {})})
 
         shards = (Path(cfg.data.path) / MANIFEST).is_file()
         if shards:
             manifest = read_image_manifest(cfg.data.path)
             if manifest.kind != "captions":
                 raise ConfigError(f"data.path={cfg.data.path!r} holds {manifest.kind} shards; tessera clip needs captions")
+            if cfg.clip.negatives > manifest.negatives:
+                raise ConfigError(f"clip.negatives={cfg.clip.negatives}: the captions of data.path={cfg.data.path!r} carry "
+                                  f"{manifest.negatives} hard negatives at least (each row's \"negatives\" list when "
+                                  "prepared); set clip.negatives <= that")
 
             def shard_loader(split: str, **kw) -> ImageTextLoader:
                 return ImageTextLoader(manifest, split, t.batch_size, transform, dp_rank, dp_size, cfg.data.num_workers,
@@ -161,7 +182,7 @@ class CLIPTask(BaseTask):
 
             train = shard_loader("train")
         else:
-            train = SampleLoader(read_pairs(cfg.data.path, "data.path", transform)[0], collate, t.batch_size,
+            train = SampleLoader(read_pairs(cfg.data.path, "data.path", transform, cfg.clip.negatives)[0], collate, t.batch_size,
                                  dp_rank, dp_size, seed=t.seed)
         if not cfg.clip.val_path:
             has_val = shards and manifest.samples("val") > 0

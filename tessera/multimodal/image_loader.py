@@ -8,7 +8,8 @@ kills a worker with a traceback of its own.
 
 A batch is a dict: `pixel_values` float32 (B, 3, H, W), `keys`, and `texts` (one caption of
 each image, or its question) with `answers` for question/answer data; when an image has several,
-the one used is fixed by (seed, epoch, key). `text_collate` (e.g. `CaptionTokens`,
+the one used is fixed by (seed, epoch, key), and `negatives` holds its hard-negative captions
+when the shards carry them. `text_collate` (e.g. `CaptionTokens`,
 `PromptAnswerTokens`) adds token ids to the batch, in the workers too.
 """
 from __future__ import annotations
@@ -112,15 +113,20 @@ class ImageTextLoader(ShardStreams):
                 raise ValueError("no texts")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{where}: unusable json ({e})") from None
-        row = rows[random.Random(f"{self.seed}/{self.text_epoch}/{sample['__key__']}").randrange(len(rows))]
+        pick = random.Random(f"{self.seed}/{self.text_epoch}/{sample['__key__']}").randrange(len(rows))
         pixels = self.transform(decode_rgb(data, where, self.max_pixels))
-        return {"pixel_values": pixels, "key": sample["__key__"], "row": row}
+        out = {"pixel_values": pixels, "key": sample["__key__"], "row": rows[pick]}
+        if "negatives" in text:
+            out["negatives"] = text["negatives"][pick]
+        return out
 
     def collate(self, samples: list[dict]) -> dict:
         batch = {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
                  "keys": [s["key"] for s in samples]}
         if self.manifest.kind == "captions":
             batch["texts"] = [s["row"] for s in samples]
+            if all("negatives" in s for s in samples):
+                batch["negatives"] = [s["negatives"] for s in samples]
         else:
             batch["texts"] = [s["row"]["question"] for s in samples]
             batch["answers"] = [s["row"]["answer"] for s in samples]

@@ -1,6 +1,7 @@
 """`tessera data prepare-images`: a folder of images plus a captions or question/answer table
 (JSONL or CSV) into WebDataset shards of `{key}.png|jpg` (the original bytes, validated) and
-`{key}.json` (the image's texts), with a manifest.
+`{key}.json` (the image's texts, and the hard-negative captions of each caption where the JSONL rows
+list them in "negatives"), with a manifest.
 
 One sample per image, holding every caption (or question/answer pair) of that image, so an
 image never sits in both splits. The validation split is a fixed fraction of the images chosen
@@ -52,6 +53,7 @@ class ImageManifest:
     width: dict = field(default_factory=dict)  # min, max, mean of the stored images
     height: dict = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    negatives: int = 0  # the fewest hard-negative captions a caption carries (its row's "negatives")
     format: str = FORMAT
 
     def shards(self, split: str) -> list[ImageShard]:
@@ -110,7 +112,14 @@ def read_table(path: str | Path) -> tuple[str, dict[str, list[dict]]]:
         if bad:
             raise DataError(f"{path}:{lineno}: no non-empty string field {', '.join(map(repr, bad))} "
                             f"(a {kind} row has {', '.join(fields)})")
-        images.setdefault(row["image"], []).append({k: row[k] for k in KINDS[kind]})
+        kept = {k: row[k] for k in KINDS[kind]}
+        if kind == "captions" and "negatives" in row:
+            hard = row["negatives"]
+            if not isinstance(hard, list) or not all(isinstance(t, str) and t.strip() for t in hard):
+                raise DataError(f"{path}:{lineno}: \"negatives\" must be a list of non-empty captions "
+                                "(hard negatives: texts that do not describe the image)")
+            kept["negatives"] = hard
+        images.setdefault(row["image"], []).append(kept)
     if not images:
         raise DataError(f"{path}: no rows")
     return kind, images
@@ -150,6 +159,8 @@ def prepare_images(images: str | Path, captions: str | Path, out: str | Path, va
     if not images_dir.is_dir():
         raise DataError(f"images directory {images_dir} does not exist")
     kind, table = read_table(captions)
+    rows = [r for image_rows in table.values() for r in image_rows]
+    with_negatives = any("negatives" in r for r in rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
@@ -174,6 +185,8 @@ def prepare_images(images: str | Path, captions: str | Path, out: str | Path, va
                 continue
             text = {"image": name, **({"captions": [r["caption"] for r in table[name]]} if kind == "captions"
                                       else {"qa": table[name]})}
+            if with_negatives:
+                text["negatives"] = [r.get("negatives", []) for r in table[name]]
             writer.add(ext, data, text)
             widths.append(w)
             heights.append(h)
@@ -187,7 +200,7 @@ def prepare_images(images: str | Path, captions: str | Path, out: str | Path, va
     manifest = ImageManifest(
         out, kind, splits, images=len(widths), texts=sum(s.texts for v in splits.values() for s in v),
         skipped=len(skipped), skipped_files=skipped[:20], width=_stats(widths), height=_stats(heights),
-        sources=[str(images_dir), str(captions)])
+        sources=[str(images_dir), str(captions)], negatives=min(len(r.get("negatives", [])) for r in rows))
     write_text_atomic(out / MANIFEST, manifest.to_json())
     return manifest
 

@@ -11,7 +11,10 @@ are named in the fixed order circle, square, triangle, whatever their places.
   questions "what colour is the circle?" -> "red"; "what shape is the red object?" -> "circle"
             (asked when one shape has that colour); "how many shapes are there?" -> "two";
             "how many red shapes are there?" -> "zero" | "one" | "two"; "is there a square?" ->
-            "yes" | "no"; "where is the circle relative to the square?" -> "above"
+            "yes" | "no"; "where is the circle relative to the square?" -> "above" (and the square
+            relative to the circle: "below")
+  negatives (hard negatives for CLIP, in captions.jsonl) "a red circle below a blue square", "a blue
+            circle above a red square"
 The shapes are drawn with numpy (no anti-aliasing), so every pixel of a shape has its colour.
 """
 from __future__ import annotations
@@ -95,6 +98,25 @@ def caption(shapes: list[Shape]) -> str:
     return f"{first} {relation(shapes[0], shapes[1])} a {shapes[1].colour} {shapes[1].kind}"
 
 
+FLIPPED = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def negatives(shapes: list[Shape]) -> list[str]:
+    """Captions one detail away from the scene's, the hardest first (hard negatives for CLIP): two
+    shapes with the relation flipped, then with the colours swapped (or, when they share one, the
+    second shape's colour changed); one shape in each other colour."""
+    a = shapes[0]
+    if len(shapes) == 1:
+        return [f"a {c} {a.kind}" for c in COLOURS if c != a.colour]
+    b = shapes[1]
+    rel = relation(a, b)
+    if a.colour != b.colour:
+        first, second = b.colour, a.colour
+    else:
+        first, second = a.colour, next(c for c in COLOURS if c != b.colour)
+    return [f"a {a.colour} {a.kind} {FLIPPED[rel]} a {b.colour} {b.kind}", f"a {first} {a.kind} {rel} a {second} {b.kind}"]
+
+
 def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
     """(question, its one right answer) pairs about the scene."""
     qa = [(f"what colour is the {s.kind}?", s.colour) for s in shapes]
@@ -107,9 +129,10 @@ def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
     qa.append((f"how many {colour} shapes are there?", NUMBERS[sum(s.colour == colour for s in shapes)]))
     kind = rng.choice(SHAPES)
     qa.append((f"is there a {kind}?", "yes" if any(s.kind == kind for s in shapes) else "no"))
-    if len(shapes) == 2:
-        a, b = rng.sample(shapes, 2)
-        qa.append((f"where is the {a.kind} relative to the {b.kind}?", relation(a, b)))
+    if len(shapes) == 2:  # both ways round: one relation read from either shape
+        a, b = shapes
+        qa += [(f"where is the {a.kind} relative to the {b.kind}?", relation(a, b)),
+               (f"where is the {b.kind} relative to the {a.kind}?", relation(b, a))]
     return qa
 
 
@@ -130,7 +153,7 @@ def synth_scenes(out: str | Path, n: int, size: int = 64, seed: int = 0) -> Path
         shapes = scene(rng, size)
         name = f"{i:06d}.png"
         Image.fromarray(render(shapes, size)).save(out / "images" / name, format="PNG")
-        captions.append({"image": name, "caption": caption(shapes)})
+        captions.append({"image": name, "caption": caption(shapes), "negatives": negatives(shapes)})
         vqa += [{"image": name, "question": q, "answer": a} for q, a in questions(shapes, rng)]
         specs.append({"image": name, "shapes": [asdict(s) for s in shapes]})
     for file, rows in (("captions.jsonl", captions), ("vqa.jsonl", vqa), ("scenes.jsonl", specs)):
