@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 SIZES = {"train": (12000, 48), "held_out": (200, 12)}  # scenes (full, smoke)
 IMAGE_SIZE = 32
-STEPS = {"lm": (100, 2), "clip": (1600, 2), "align": (150, 2), "instruct": (3000, 3)}
+STEPS = {"lm": (80, 2), "clip": (1450, 2), "align": (100, 2), "instruct": (3000, 3)}
 SMOKE = ["--model.n_layers=2", "--model.d_model=32", "--vision.n_layers=1", "--vision.d_model=32",
          "--train.batch_size=4", "--eval.every=0", "--checkpoint.every=0", "--log.every=1",
          "--optim.warmup_steps=1"]
