@@ -134,7 +134,7 @@ def clip_objective(model: nn.Module, batch: dict[str, torch.Tensor]):
     # each distinct caption once (a small vocabulary of captions repeats many times in a batch);
     # indexing back sums the repeats' gradients, as encoding every row would
     distinct, where = torch.unique(caption_ids, return_inverse=True)
-    first = torch.full_like(distinct, rows + len(caption_ids)).scatter_reduce(
+    first = torch.full_like(distinct, len(caption_ids)).scatter_reduce(
         0, where, torch.arange(len(caption_ids), device=where.device), "amin")
     image, texts, scale = model(batch["pixel_values"], ids[first], lengths[first])
     texts = texts[where]

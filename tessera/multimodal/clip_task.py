@@ -35,7 +35,7 @@ from tessera.core.tokenizer import Tokenizer, load_tokenizer
 from tessera.multimodal.clip import CLIP, clip_objective
 from tessera.multimodal.hf_vision import load_vision_weights, vision_config_from_hf
 from tessera.multimodal.image_loader import ImageTextLoader
-from tessera.multimodal.image_shards import MANIFEST, read_image_manifest
+from tessera.multimodal.image_shards import MANIFEST, read_image_manifest, row_negatives
 from tessera.multimodal.images import ImageTransform, decode_rgb
 from tessera.multimodal.text_tokens import CaptionTokens
 
@@ -102,9 +102,7 @@ def read_pairs(folder: str, key: str, transform: ImageTransform, negatives: int 
                 raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
                 raise DataError(f"{path}:{n}: a row must be {{\"image\": NAME, \"caption\": TEXT}}")
-            hard = row.get("negatives", [])
-            if negatives and (not isinstance(hard, list) or len(hard) < negatives
-                              or not all(isinstance(t, str) for t in hard)):
+            if negatives and len(row_negatives(row, f"{path}:{n}")) < negatives:
                 raise DataError(f"{path}:{n}: clip.negatives={negatives} needs a list of at least {negatives} "
                                 f"hard-negative captions in \"negatives\" (texts that do not describe the image)")
             rows.append(row)
@@ -117,7 +115,7 @@ def read_pairs(folder: str, key: str, transform: ImageTransform, negatives: int 
         sample = {"pixel_values": read_image(image if image.exists() else Path(folder) / row["image"], transform),
                   "text": row["caption"]}
         if negatives:
-            sample["negatives"] = row["negatives"][:negatives]
+            sample["negatives"] = row["negatives"]
         if labels:
             sample["label"] = labels.index(str(row["label"]))
         samples.append(sample)

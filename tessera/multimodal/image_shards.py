@@ -86,6 +86,15 @@ def read_image_manifest(root: str | Path) -> ImageManifest:
         raise DataError(f"unreadable {path}: {e}") from None
 
 
+def row_negatives(row: dict, where: str) -> list[str]:
+    """A captions row's hard-negative captions ("negatives", none when absent), checked."""
+    hard = row.get("negatives", [])
+    if not isinstance(hard, list) or not all(isinstance(t, str) and t.strip() for t in hard):
+        raise DataError(f"{where}: \"negatives\" must be a list of non-empty captions "
+                        "(hard negatives: texts that do not describe the image)")
+    return hard
+
+
 def read_table(path: str | Path) -> tuple[str, dict[str, list[dict]]]:
     """(kind, {image path: its text rows}) of a captions or question/answer table, images in
     the order they first appear; an unusable row is an error naming the file and line."""
@@ -114,11 +123,7 @@ def read_table(path: str | Path) -> tuple[str, dict[str, list[dict]]]:
                             f"(a {kind} row has {', '.join(fields)})")
         kept = {k: row[k] for k in KINDS[kind]}
         if kind == "captions" and "negatives" in row:
-            hard = row["negatives"]
-            if not isinstance(hard, list) or not all(isinstance(t, str) and t.strip() for t in hard):
-                raise DataError(f"{path}:{lineno}: \"negatives\" must be a list of non-empty captions "
-                                "(hard negatives: texts that do not describe the image)")
-            kept["negatives"] = hard
+            kept["negatives"] = row_negatives(row, f"{path}:{lineno}")
         images.setdefault(row["image"], []).append(kept)
     if not images:
         raise DataError(f"{path}: no rows")
