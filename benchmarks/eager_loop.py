@@ -124,7 +124,14 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--retain-freed-memory", action="store_true",
+                    help="the allocator setting Tessera applies on CPU (tessera.core.speed.retain_freed_memory)")
     args = ap.parse_args()
+    if args.retain_freed_memory:
+        sys.path.insert(0, str(ROOT))
+        from tessera.core.speed import retain_freed_memory
+
+        retain_freed_memory()
     batch, context = 12, 64
     torch.manual_seed(1337)
     train, val, vocab = load_tokens()
@@ -165,6 +172,7 @@ def main() -> None:
     end = time.perf_counter()
     print(json.dumps({
         "bench": "eager_loop", "arch": args.arch, "steps": args.steps, "threads": torch.get_num_threads(),
+        "retain_freed_memory": args.retain_freed_memory,
         "wall_s_in_process": end - START, "loop_s": end - loop_start,
         "tokens_per_s": timed_steps * batch * context / train_time if timed_steps else None,
         "final_loss": loss, "val_loss": evals[-1],

@@ -4,6 +4,8 @@ Every row is a separate process timed from outside (start-up, data, evaluation, 
 compilation included), run back to back:
 
 - eager_gpt2 / eager_llama: benchmarks/eager_loop.py, fp32 eager, nanoGPT's blocks and the recipe's;
+- eager_gpt2_retain: the same loop given Tessera's CPU allocator setting (freed memory kept), so that
+  no gain of Tessera's is a gain the baseline could not have had;
 - recipe_cold: `tessera train configs/recipes/shakespeare/train.toml` with empty compile caches
   (fresh TESSERA_CACHE_DIR and TMPDIR, so torch's precompiled headers are rebuilt too);
 - recipe_warm: the same command again, its caches now warm;
@@ -56,11 +58,12 @@ def timed(cmd: list[str], env: dict) -> tuple[float, str]:
     return wall, proc.stdout
 
 
-def eager_row(arch: str, steps: int, env: dict) -> dict:
-    wall, out = timed([sys.executable, "benchmarks/eager_loop.py", "--arch", arch, "--steps", str(steps)], env)
+def eager_row(arch: str, steps: int, env: dict, retain: bool = False) -> dict:
+    flags = ["--arch", arch, *(["--retain-freed-memory"] if retain else [])]
+    wall, out = timed([sys.executable, "benchmarks/eager_loop.py", *flags, "--steps", str(steps)], env)
     result = json.loads(out.strip().splitlines()[-1])
-    return {"row": f"eager_{arch}", "wall_s": wall, "tokens_per_s": result["tokens_per_s"],
-            "val_loss": result["val_loss"], "what": f"benchmarks/eager_loop.py --arch {arch} (fp32 eager)"}
+    return {"row": f"eager_{arch}" + ("_retain" if retain else ""), "wall_s": wall, "tokens_per_s": result["tokens_per_s"],
+            "val_loss": result["val_loss"], "what": f"benchmarks/eager_loop.py {' '.join(flags)} (fp32 eager)"}
 
 
 def tessera_row(name: str, overrides: list[str], steps: int, env: dict, run_dir: Path) -> dict:
@@ -100,7 +103,7 @@ def table(rows: list[dict], cpu: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--rows", nargs="+", default=["eager_gpt2", "eager_llama", "recipe_cold", "recipe_warm",
+    ap.add_argument("--rows", nargs="+", default=["eager_gpt2", "eager_gpt2_retain", "eager_llama", "recipe_cold", "recipe_warm",
                                                    "recipe_fp32_eager", "gpt2_fp32_eager", "no_native_bf16"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -113,6 +116,7 @@ def main() -> None:
         plan = {
             "eager_gpt2": lambda: eager_row("gpt2", args.steps, plain_env),
             "eager_llama": lambda: eager_row("llama", args.steps, plain_env),
+            "eager_gpt2_retain": lambda: eager_row("gpt2", args.steps, plain_env, retain=True),
             "recipe_cold": lambda: tessera_row("recipe_cold", [], args.steps, recipe_env, tmp / "run_cold"),
             "recipe_warm": lambda: tessera_row("recipe_warm", [], args.steps, recipe_env, tmp / "run_warm"),
             "recipe_fp32_eager": lambda: tessera_row("recipe_fp32_eager", ["--train.precision=fp32", "--train.compile=false"],

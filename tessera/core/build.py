@@ -19,7 +19,7 @@ from tessera.core.metrics import peak_flops
 from tessera.core.model import Transformer
 from tessera.core.placement import LocalPlacement, resolve_device
 from tessera.core.seams import CheckpointStore, InitWeights, Placement, Task
-from tessera.core.speed import resolve
+from tessera.core.speed import resolve, retain_freed_memory
 from tessera.core.task import LanguageModelingTask
 from tessera.core.trainer import Trainer, TrainerParts
 
@@ -87,6 +87,8 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
                           "and this stage's batches hold a fixed number of tokens already: set data.max_tokens=0")
     device = placement.device
     cfg, speed = resolve(cfg, device, placement.world_size, task.static_shapes)
+    if device.type == "cpu" and retain_freed_memory():
+        speed += "; freed memory kept for the next step (glibc mallopt)"
     if placement.rank == 0:
         print(f"speed: {speed}", flush=True)
     configure_kernels(cfg, device)

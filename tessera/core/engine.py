@@ -51,6 +51,7 @@ class LocalEngine:
         self.objective = objective
         self.metrics: dict[str, torch.Tensor] = {}  # the objective's metrics of the last batch
         self._forward = model
+        self._params: list[nn.Parameter] | None = None  # the model's, listed at the first clip
         if compile:
             compile_blocks(model, Block)
 
@@ -61,10 +62,11 @@ class LocalEngine:
 
     def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
         """Loss of one micro-batch (detached); gradients of loss * scale are accumulated."""
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every submodule: not on every step
+            self.model.train()
         with self.autocast():
             loss, metrics = self.objective(self._forward, batch)
-        (loss * scale).backward()
+        (loss * scale if scale != 1.0 else loss).backward()
         self.metrics = {k: v.detach().float() for k, v in metrics.items()}
         return loss.detach()
 
@@ -79,7 +81,9 @@ class LocalEngine:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping; clips only when max_norm > 0."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self._params is None:  # walking the module tree every step costs more than the small model's clip
+            self._params = list(self.model.parameters())
+        params = [p for p in self._params if p.grad is not None]
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return gradient_norm(params)

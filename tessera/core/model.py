@@ -91,7 +91,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg, window, causal)
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg, activation)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # two calls a block: none when off
 
     def forward(self, x, *, rope=None, doc_ids=None, key_padding_mask=None, cache=None, layer=0):
         """Only the hidden states are positional: what parallelism lays out (TP's input layouts) is

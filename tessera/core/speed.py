@@ -11,6 +11,7 @@ Compiled code is cached under `compile_cache_dir()`, so the second run of a reci
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 from collections.abc import Callable
@@ -83,6 +84,19 @@ def _precision_reason(device: torch.device, world_size: int, native: bool,
         found = sorted(flags() & {*CPU_BF16_FLAGS, *ARM_BF16_FLAGS})
         return f"auto: CPU has {', '.join(found)}" if native else "auto: this CPU has no native bf16"
     return f"auto: {device.type} {'has' if native else 'lacks'} native bf16"
+
+
+def retain_freed_memory() -> bool:
+    """Keep the memory a CPU step frees inside the process for the next step (glibc: blocks up to
+    32 MiB from the heap rather than mmap, and the heap never trimmed). A step frees and allocates
+    the same activation buffers every time; given back to the kernel, each returns as fresh pages
+    that fault in one by one (measured on the Shakespeare recipe: ~2,700 page faults a step and
+    15% of its time). Returns whether it applied: only where the C library has `mallopt` (glibc)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def compile_cache_dir() -> Path:
