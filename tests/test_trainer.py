@@ -112,10 +112,44 @@ def test_non_finite_losses_skip_the_update_then_stop_the_run(prepared, tmp_path)
 
 @pytest.mark.slow
 def test_compiled_model_matches_eager(prepared, tmp_path):
+    """Training and evaluation; the compiled run evaluates through its training graph, compiled once."""
+    from torch._dynamo.utils import counters
+
     make(prepared, tmp_path / "eager", "--train.steps=5").fit()
-    make(prepared, tmp_path / "compiled", "--train.steps=5", "--train.compile=true").fit()
+    compiled = make(prepared, tmp_path / "compiled", "--train.steps=5", "--train.compile=true", "--eval.every=2")
+    compiled.fit(stop_at=1)
+    frames = counters["frames"]["ok"]
+    compiled.fit()
+    assert counters["frames"]["ok"] == frames  # evaluations at steps 2, 4 and 5 compiled nothing new
+    assert compiled.engine.eval_in_training_graph is True
     for (_, a), (_, b) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
         assert a == pytest.approx(b, rel=1e-4)
+    eager_val, compiled_val = losses(tmp_path / "eager", "val_loss"), losses(tmp_path / "compiled", "val_loss")
+    assert [s for s, _ in compiled_val] == [2, 4, 5] and eager_val[-1][0] == 5
+    assert compiled_val[-1][1] == pytest.approx(eager_val[-1][1], rel=1e-4)
+
+
+def test_evaluation_through_the_training_graph_equals_eager_evaluation(prepared, tmp_path):
+    """What a compiled engine does for evaluation (the training-mode forward with grad on, no backward),
+    run eagerly here: the same losses as evaluation mode without grad, no gradient left behind, and only
+    for models that compute the same in both modes."""
+    from tessera.core.engine import mode_dependent
+
+    trainer = make(prepared, tmp_path, "--train.steps=3")
+    trainer.fit()
+    engine = trainer.engine
+    engine.eval_in_training_graph = False
+    eager = trainer.evaluate()
+    assert not engine.model.training
+    engine.eval_in_training_graph = True
+    through_graph = trainer.evaluate()
+    assert through_graph["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-6)
+    assert engine.model.training and all(p.grad is None for p in engine.model.parameters())
+    assert not mode_dependent(engine.model)
+    assert mode_dependent(make(prepared, tmp_path / "dropout", "--model.dropout=0.1").engine.model)
+    plain = make(prepared, tmp_path / "plain", "--train.steps=2")
+    plain.fit()
+    assert plain.engine.eval_in_training_graph is False  # not compiled: evaluation mode, no grad
 
 
 def test_data_from_another_tokenizer_is_refused(prepared, tmp_path):

@@ -73,6 +73,7 @@ class DistributedEngine(LocalEngine):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  precision: str = "fp32", compile: bool = False, **kwargs):
         super().__init__(model, optimizer, device, precision, compile, **kwargs)
+        self.eval_in_training_graph = False  # FSDP expects a backward after every forward with grad
         split_param_groups(optimizer)
 
     def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
