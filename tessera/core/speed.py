@@ -92,7 +92,10 @@ def retain_freed_memory() -> bool:
     the same activation buffers every time; given back to the kernel, each returns as fresh pages
     that fault in one by one (measured on the Shakespeare recipe: ~2,700 page faults a step and
     15% of its time). Returns whether it applied: only where the C library has `mallopt` (glibc)."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process runs on
+    except (OSError, TypeError):  # no such handle (Windows)
+        return False
     if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
