@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "prepared" / "shakespeare_char"
+sys.path.insert(0, str(ROOT))  # Tessera only to read the prepared tokens and, on request, its allocator setting
 
 
 class Block(nn.Module):
@@ -99,7 +100,6 @@ class GPT(nn.Module):
 
 def load_tokens() -> tuple[torch.Tensor, torch.Tensor, int]:
     """The prepared train and validation tokens, and the vocabulary size."""
-    sys.path.insert(0, str(ROOT))
     from tessera.core.data import read_manifest
     from tessera.core.data.loader import ShardReader
 
@@ -128,7 +128,6 @@ def main() -> None:
                     help="the allocator setting Tessera applies on CPU (tessera.core.speed.retain_freed_memory)")
     args = ap.parse_args()
     if args.retain_freed_memory:
-        sys.path.insert(0, str(ROOT))
         from tessera.core.speed import retain_freed_memory
 
         retain_freed_memory()

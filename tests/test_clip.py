@@ -412,6 +412,18 @@ def test_too_few_hard_negatives_is_one_clear_line(clip_data, tmp_path, capsys):
         assert main(["clip", str(config), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    # a shard whose json was written by hand: one list of negatives per caption, each of captions
+    from tessera.multimodal.image_loader import ImageTextLoader
+    from tessera.multimodal.image_shards import read_image_manifest
+    from tessera.multimodal.images import preset
+
+    loader = ImageTextLoader(read_image_manifest(shards), "train", 2, preset("clip", 32))
+    png = (train / "images" / "0000.png").read_bytes()
+    for negatives, message in (([["a"], ["b"]], "one list per caption"), ("a", "one list per caption"),
+                               ([[""]], "must be a list of non-empty captions")):
+        text = json.dumps({"image": "0000.png", "captions": ["a red square"], "negatives": negatives}).encode()
+        with pytest.raises(DataError, match=message):
+            loader._decode({"__key__": "k", "png": png, "json": text}, "shard key k")
     (train / "captions.jsonl").write_text('{"image": "0000.png", "caption": "a", "negatives": "b"}\n')
     with pytest.raises(DataError, match=r"captions.jsonl:1: \"negatives\" must be a list"):
         prepare_images(train / "images", train / "captions.jsonl", tmp_path / "bad")

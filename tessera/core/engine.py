@@ -68,14 +68,20 @@ class LocalEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
-        """Loss of one micro-batch (detached); gradients of loss * scale are accumulated."""
+    def training_forward(self, batch) -> torch.Tensor:
+        """The loss of a batch as training computes it (training mode, autocast, grad on), the
+        objective's metrics kept detached."""
         if not self.model.training:  # Module.train() walks every submodule: not on every step
             self.model.train()
         with self.autocast():
             loss, metrics = self.objective(self._forward, batch)
-        (loss * scale if scale != 1.0 else loss).backward()
         self.metrics = {k: v.detach().float() for k, v in metrics.items()}
+        return loss
+
+    def forward_backward(self, batch, scale: float = 1.0) -> torch.Tensor:
+        """Loss of one micro-batch (detached); gradients of loss * scale are accumulated."""
+        loss = self.training_forward(batch)
+        (loss * scale if scale != 1.0 else loss).backward()
         return loss.detach()
 
     def eval_loss(self, batch) -> torch.Tensor:
@@ -87,12 +93,7 @@ class LocalEngine:
             self.eval_in_training_graph = self.compiled and not mode_dependent(self.model)
         if not self.eval_in_training_graph:
             return self.eval_loss_eager(batch)
-        if not self.model.training:
-            self.model.train()
-        with self.autocast():
-            loss, metrics = self.objective(self._forward, batch)
-        self.metrics = {k: v.detach().float() for k, v in metrics.items()}
-        return loss.detach().float()
+        return self.training_forward(batch).detach().float()
 
     @torch.no_grad()
     @torch.compiler.set_stance("force_eager")  # a no-grad graph would be a second compilation for 20 batches

@@ -25,7 +25,7 @@ import webdataset as wds
 
 from tessera.core.data import DataError, ShardStreams
 from tessera.core.data.loader import reason
-from tessera.multimodal.image_shards import ImageManifest, ImageShard
+from tessera.multimodal.image_shards import ImageManifest, ImageShard, row_negatives
 from tessera.multimodal.images import MAX_PIXELS, ImageError, ImageTransform, decode_rgb
 
 IMAGE_EXTENSIONS = ("png", "jpg")
@@ -111,13 +111,15 @@ class ImageTextLoader(ShardStreams):
             rows = text["captions"] if self.manifest.kind == "captions" else text["qa"]
             if not rows:
                 raise ValueError("no texts")
+            if "negatives" in text and (not isinstance(text["negatives"], list) or len(text["negatives"]) != len(rows)):
+                raise ValueError("\"negatives\" must hold one list per caption")
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{where}: unusable json ({e})") from None
         pick = random.Random(f"{self.seed}/{self.text_epoch}/{sample['__key__']}").randrange(len(rows))
         pixels = self.transform(decode_rgb(data, where, self.max_pixels))
         out = {"pixel_values": pixels, "key": sample["__key__"], "row": rows[pick]}
         if "negatives" in text:
-            out["negatives"] = text["negatives"][pick]
+            out["negatives"] = row_negatives({"negatives": text["negatives"][pick]}, where)
         return out
 
     def collate(self, samples: list[dict]) -> dict:
