@@ -127,3 +127,27 @@ def test_retained_memory_stops_the_page_faults_of_a_training_step():
         pytest.skip("the C library has no mallopt (not glibc)")
     _, default = run("default")
     assert retained < 128, (retained, default)  # pages a step: under 512 KiB of fresh memory
+
+
+def test_compiling_cpu_blocks_picks_the_vector_isa_on_another_thread(monkeypatch):
+    """Wrapping CPU blocks starts inductor's ISA checks in the background (and nothing on other devices),
+    and the thread leaves inductor's cached list of valid ISAs filled, the same list a fresh check gives."""
+    from torch._inductor import cpu_vec_isa
+
+    started = []
+    monkeypatch.setattr(speed, "pick_vector_isa_in_background", lambda: started.append(True))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    speed.compile_blocks(model, torch.nn.Linear)
+    assert started == [True]
+    assert all(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None for m in model)
+    monkeypatch.undo()
+
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    thread = speed.pick_vector_isa_in_background()
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    info = cpu_vec_isa.valid_vec_isa_list.cache_info()
+    assert (info.misses, info.currsize) == (1, 1)
+    found = cpu_vec_isa.valid_vec_isa_list()
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    assert [str(isa) for isa in found] == [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
