@@ -6,6 +6,7 @@ piece knows only its own inputs, and the placement alone knows how many ranks th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -96,7 +97,8 @@ def build_trainer(cfg: Config, placement: Placement | None = None, init_weights:
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = task.build_model(cfg, device, init_weights)
     with torch.device("meta"):  # the trained body's FLOPs, whatever head or adapters the task adds
-        flops_per_token = Transformer(cfg.model).flops_per_token
+        body = Transformer(cfg.model)
+    flops_per_token = functools.cache(body.flops_per_token)  # counted once per window length, not at every step
     engine = placement.engine(placement.prepare(model, cfg), cfg)
     engine.objective = task.objective
     task.attach(placement, cfg, engine, init_weights)
