@@ -92,3 +92,19 @@ def test_cpu_floor_counts_the_models_own_flops(tmp_path):
     assert [(r["blocks"], r["dtype"]) for r in rows] == [("llama", "float32"), ("llama", "bfloat16"),
                                                          ("gpt2", "float32"), ("gpt2", "bfloat16")]
     assert all(r["floor_tokens_per_s"] > 0 for r in rows) and "| floor tokens/s |" in proc.stdout
+
+
+def test_block_step_benchmark_times_one_block_against_the_whole_step(tmp_path):
+    """Eager fp32 (compilation is the slow path's to check): the four blocks are most of a step but not
+    more than all of it, and an uncompiled run reports no region cost."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "block_step.py"), "--repeats", "5", "--steps", "5",
+                           "--eager-tokens-per-s", "20000", "--out", str(tmp_path), "--train.precision=fp32",
+                           "--train.compile=false"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "block_step.jsonl").read_text())
+    assert (row["precision"], row["compile"], row["tokens_per_step"]) == ("fp32", False, 12 * 64)
+    block = row["block_forward_ms"] + row["block_backward_ms"]
+    assert row["block_forward_ms"] > 0 and row["block_backward_ms"] > 0
+    assert row["blocks_ms_per_step"] == pytest.approx(4 * block)
+    assert row["region_ms_per_block"] == 0.0
+    assert "| block forward ms |" in proc.stdout and "2.0x the eager loop (38.4 ms a step) allows 19.2 ms" in proc.stdout
