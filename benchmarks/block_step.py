@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cpu_floor import median_seconds  # noqa: E402
 from benchmarks.recipe_speed import cpu_description  # noqa: E402
 from benchmarks.train_throughput import ensure_data  # noqa: E402
 from tessera.core.build import build_trainer  # noqa: E402
@@ -50,14 +50,7 @@ class Scale(nn.Module):
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(fn, repeats, WARMUP)
 
 
 def region_cost_ms(width: int, compiled: bool, repeats: int) -> float:

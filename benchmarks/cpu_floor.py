@@ -53,20 +53,25 @@ def step_products(cfg: Config) -> list[tuple[int, ...]]:
     return products + attention * m.n_layers
 
 
+def median_seconds(fn, repeats: int, warmup: int = 5) -> float:
+    """Median wall time of one call of `fn`, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def seconds(shape: tuple[int, ...], dtype: torch.dtype, repeats: int) -> float:
     """Median time of one product of `shape` in `dtype`."""
     b, m, k, n = shape
     x, y = torch.randn(b, m, k, dtype=dtype), torch.randn(b, k, n, dtype=dtype)
     out = torch.empty(b, m, n, dtype=dtype)
     product = (lambda: torch.bmm(x, y, out=out)) if b > 1 else (lambda: torch.mm(x[0], y[0], out=out[0]))
-    for _ in range(5):
-        product()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(product, repeats)
 
 
 def floor(blocks: str, cfg: Config, dtype: torch.dtype, repeats: int) -> dict:
