@@ -139,7 +139,11 @@ def test_compiling_cpu_blocks_picks_the_vector_isa_on_another_thread(monkeypatch
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
     speed.compile_blocks(model, torch.nn.Linear)
     assert started == [True]
-    assert all(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None for m in model)
+    assert all(m._compiled_call_impl is not None for m in model)
+    with torch.device("meta"):
+        elsewhere = torch.nn.Sequential(torch.nn.Linear(3, 5))
+    speed.compile_blocks(elsewhere, torch.nn.Linear)
+    assert started == [True] and elsewhere[0]._compiled_call_impl is not None
     monkeypatch.undo()
 
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
@@ -151,3 +155,41 @@ def test_compiling_cpu_blocks_picks_the_vector_isa_on_another_thread(monkeypatch
     found = cpu_vec_isa.valid_vec_isa_list()
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
     assert [str(isa) for isa in found] == [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+
+
+NO_HEADER = """
+import os, sys
+import torch
+from tessera.core import speed
+from torch._inductor.codecache import _HEADER_DIR
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.proj(x)) * x
+
+
+model = torch.nn.Sequential(Block())
+speed.compile_blocks(model, Block)
+x = torch.randn(4, 8, requires_grad=True)
+model(x).sum().backward()
+headers = [f for _, _, files in os.walk(_HEADER_DIR) for f in files if f.endswith((".gch", ".pch"))]
+print(_HEADER_DIR.startswith(sys.argv[1]), len(headers))
+"""
+
+
+def test_compiled_cpu_blocks_build_no_precompiled_header(tmp_path):
+    """A first compilation of CPU blocks (fresh temporary directory, where torch keeps its precompiled
+    headers, and a fresh cache) compiles and runs without building torch's precompiled header."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    (tmp_path / "tmp").mkdir()
+    out = subprocess.run([sys.executable, "-c", NO_HEADER, str(tmp_path / "tmp")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "0"]

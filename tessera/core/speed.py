@@ -137,8 +137,8 @@ def compile_blocks(model: nn.Module, block_type: type[nn.Module]) -> None:
     # compilation (g++ runs, each with its own start-up) and less Python around the kernels. No
     # precompiled header: building torch's (once per machine, compiler and flags) costs a first run
     # more than it saves the two graphs compiled after it. Measured on the Shakespeare recipe, start-up
-    # and first step: empty caches 19.0 -> 16.3 s, warm 4.2 -> 4.0 s; 14.3 -> 16.3 s only where another
-    # program had already built the header and this recipe was not yet compiled.
+    # and first step: empty caches 19.0 -> 16.3 s, a warm start's first step 1.2-1.3 -> 1.1 s; 14.3 ->
+    # 16.3 s only where another program had already built the header and this recipe was not compiled.
     options = {"cpp_wrapper": True, "cpp_cache_precompile_headers": False} if device.type == "cpu" else {}
     for module in model.modules():
         if isinstance(module, block_type):
@@ -153,7 +153,8 @@ def pick_vector_isa_in_background() -> threading.Thread:
     run on the second core while the first traces the model; inductor's own call finds them built
     (or waits on their locks) and keeps the answer (`valid_vec_isa_list` is cached). Measured on the
     Shakespeare recipe's cold first step: 15.6 s to 14.4 s. A failure here is left to that call, which
-    makes the same checks and reports it."""
+    makes the same checks and reports it. (Were that call to enter the AVX-512 check while this thread is
+    in it, inductor's shared flag string could keep one flag twice: a different cache key, the same code.)"""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     def pick() -> None:
